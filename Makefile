@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PORT ?= 8000
+PYTHON ?= python3
+# uv from PATH if there is one, else bootstrapped once through pip into a git-ignored folder.
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+
+.PHONY: run test lint fmt token migrate install bench clean-data
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv
+
+.venv/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+install: .venv/.installed
+
+run: install
+	PORT=$(PORT) $(UV) run --frozen --no-sync collection-api serve
+
+token: install
+	@$(UV) run --frozen --no-sync collection-api token $(if $(EMAIL),--email "$(EMAIL)") $(if $(ORG),--org "$(ORG)") $(if $(ROLE),--role "$(ROLE)")
+
+migrate: install
+	$(UV) run --frozen --no-sync collection-api migrate
+
+lint: install
+	$(UV) run --frozen --no-sync ruff check apps/api
+	$(UV) run --frozen --no-sync ruff format --check apps/api
+	$(UV) run --frozen --no-sync mypy
+
+fmt: install
+	$(UV) run --frozen --no-sync ruff format apps/api
+	$(UV) run --frozen --no-sync ruff check --fix apps/api
+
+test: install lint
+	$(UV) run --frozen --no-sync pytest $(PYTEST_ARGS)
+
+clean-data:
+	rm -rf .data

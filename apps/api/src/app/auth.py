@@ -1,0 +1,207 @@
+"""Supabase access tokens, verified locally, and the caller's permission in their organisation.
+
+Tokens: HS256 with the project's legacy JWT secret, or ES256/RS256 with a key from the project's JWKS
+(fetched without blocking the loop, cached). The algorithm decides the key *type*: an HS256 token is
+only ever checked against the shared secret and an asymmetric one only against a JWKS key, which rules
+out algorithm confusion; `none` and everything else is refused.
+
+Permissions: memberships and role permissions are looked up once per user and reused for
+`AUTH_CACHE_S` seconds (default 5): that is the longest a revoked permission can still act.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import UUID
+
+import httpx
+import jwt
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.config import Settings
+from app.errors import NotAuthenticated, OrganisationRequired, PermissionDenied
+from app.store import OrgAccess, Store
+
+logger = logging.getLogger(__name__)
+
+ASYMMETRIC_ALGORITHMS = frozenset({"ES256", "RS256"})
+JWKS_MIN_REFRESH_S = 30.0  # an unknown kid refetches the JWKS at most this often
+ACCESS_CACHE_MAX_USERS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentUser:
+    user_id: UUID
+    email: str | None
+    org_id: UUID
+    org_slug: str
+    role: str
+    permissions: frozenset[str]
+
+
+class JwksCache:
+    def __init__(self, url: str, ttl_s: float, client: httpx.AsyncClient) -> None:
+        self._url = url
+        self._ttl_s = ttl_s
+        self._client = client
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        now = time.monotonic()
+        stale = now - self._fetched_at > self._ttl_s
+        unknown = kid not in self._keys and now - self._fetched_at > JWKS_MIN_REFRESH_S
+        if stale or unknown:
+            await self._refresh()
+        return self._keys.get(kid)
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._fetched_at < 1.0:
+                return  # another request refreshed while we waited
+            try:
+                response = await self._client.get(self._url, timeout=5.0)
+                response.raise_for_status()
+                jwk_set = jwt.PyJWKSet.from_dict(response.json())
+            except (httpx.HTTPError, jwt.PyJWKSetError, ValueError) as exc:
+                # Keep the keys we have: a JWKS outage must not lock every caller out.
+                logger.warning("could not fetch JWKS from %s: %s", self._url, exc)
+                self._fetched_at = time.monotonic() - self._ttl_s + JWKS_MIN_REFRESH_S
+                return
+            self._keys = {k.key_id: k for k in jwk_set.keys if k.key_id}
+            self._fetched_at = time.monotonic()
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
+        secret = settings.supabase_jwt_secret
+        self._secret = secret.get_secret_value() if secret else None
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway = settings.jwt_leeway_s
+        jwks_url = settings.jwks_url
+        self._jwks = JwksCache(jwks_url, settings.jwks_cache_s, client) if jwks_url else None
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise NotAuthenticated("Malformed bearer token") from None
+        algorithm = header.get("alg")
+        key: Any
+        if algorithm == "HS256" and self._secret is not None:
+            key = self._secret
+        elif algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
+            kid = header.get("kid")
+            jwk = await self._jwks.key(kid) if isinstance(kid, str) else None
+            if jwk is None or (jwk.algorithm_name not in (algorithm, None)):
+                raise NotAuthenticated("Invalid bearer token")
+            key = jwk.key
+        else:
+            raise NotAuthenticated("Invalid bearer token")
+
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "sub", "aud"], "verify_iss": self._issuer is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise NotAuthenticated("Token has expired") from None
+        except jwt.PyJWTError as exc:
+            logger.debug("token refused: %s", type(exc).__name__)
+            raise NotAuthenticated("Invalid bearer token") from None
+        return claims
+
+
+class AccessCache:
+    """Each user's organisations and permissions, reused for a few seconds."""
+
+    def __init__(self, store: Store, ttl_s: float) -> None:
+        self._store = store
+        self._ttl_s = ttl_s
+        self._entries: dict[UUID, tuple[float, list[OrgAccess]]] = {}
+
+    async def get(self, user_id: UUID) -> list[OrgAccess]:
+        now = time.monotonic()
+        hit = self._entries.get(user_id)
+        if hit is not None and now - hit[0] < self._ttl_s:
+            return hit[1]
+        access = await self._store.user_access(user_id)
+        if self._ttl_s > 0:
+            if len(self._entries) >= ACCESS_CACHE_MAX_USERS:
+                self._entries.clear()
+            self._entries[user_id] = (now, access)
+        return access
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def choose_org(memberships: list[OrgAccess], requested: str | None) -> OrgAccess:
+    if not memberships:
+        raise PermissionDenied("You are not a member of any organisation")
+    if requested is None or requested == "":
+        if len(memberships) == 1:
+            return memberships[0]
+        raise OrganisationRequired(
+            f"You belong to {len(memberships)} organisations; choose one with the X-Org-Id header"
+        )
+    for access in memberships:
+        if requested in (str(access.org_id), access.org_slug):
+            return access
+    raise PermissionDenied("You are not a member of that organisation")
+
+
+bearer_scheme = HTTPBearer(auto_error=False, description="A Supabase access token (`make token` locally)")
+
+
+def require_permission_key(permission: str) -> Callable[..., Awaitable[CurrentUser]]:
+    """Dependency: the verified caller, in the org they chose, holding `permission` there."""
+
+    async def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+        x_org_id: Annotated[
+            str | None,
+            Header(
+                alias="X-Org-Id",
+                max_length=64,
+                description="Organisation id or slug; needed only by users in several organisations",
+            ),
+        ] = None,
+    ) -> CurrentUser:
+        if credentials is None or not credentials.credentials:
+            raise NotAuthenticated("Missing bearer token")
+        verifier: TokenVerifier = request.app.state.token_verifier
+        claims = await verifier.verify(credentials.credentials)
+        try:
+            user_id = UUID(str(claims["sub"]))
+        except ValueError:
+            raise NotAuthenticated("Invalid bearer token") from None
+        access_cache: AccessCache = request.app.state.access_cache
+        org = choose_org(await access_cache.get(user_id), x_org_id)
+        if permission not in org.permissions:
+            raise PermissionDenied(f"Your role '{org.role}' lacks the permission '{permission}'")
+        email = claims.get("email")
+        return CurrentUser(
+            user_id=user_id,
+            email=email if isinstance(email, str) else None,
+            org_id=org.org_id,
+            org_slug=org.org_slug,
+            role=org.role,
+            permissions=org.permissions,
+        )
+
+    return dependency

@@ -1,0 +1,179 @@
+"""One Settings object, read from the environment (and `.env`), shared by the whole service."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[4]
+
+# Values that must never reach a shared environment.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "super-secret-jwt-token-with-at-least-32-characters-long"})
+
+
+class Environment(StrEnum):
+    LOCAL = "local"
+    PRODUCTION = "production"
+
+
+class Pricing:
+    """Unit prices and counts the estimate uses. Integer cents throughout."""
+
+    def __init__(
+        self,
+        products_per_category: int,
+        amazon_product_cents: int,
+        ebay_search_cents: int,
+        ebay_searches_per_product: int,
+    ) -> None:
+        self.products_per_category = products_per_category
+        self.amazon_product_cents = amazon_product_cents
+        self.ebay_search_cents = ebay_search_cents
+        self.ebay_searches_per_product = ebay_searches_per_product
+
+    @property
+    def cents_per_product(self) -> int:
+        return self.amazon_product_cents + self.ebay_searches_per_product * self.ebay_search_cents
+
+    @property
+    def cents_per_category(self) -> int:
+        return self.products_per_category * self.cents_per_product
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    app_env: Environment = Environment.LOCAL
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: str = "INFO"
+
+    # Database. Unset in local mode: the embedded Postgres is started and its URL used.
+    database_url: SecretStr | None = None
+    db_pool_max_size: int = Field(default=10, ge=1)
+    db_statement_timeout_ms: int = Field(default=5000, ge=100)
+    db_connect_timeout_s: float = Field(default=5.0, gt=0)
+    db_acquire_timeout_s: float = Field(default=5.0, gt=0)
+    # None: automatic (0 for Supabase's transaction pooler on port 6543, which forbids prepared
+    # statements; asyncpg's default otherwise).
+    db_statement_cache_size: int | None = Field(default=None, ge=0)
+
+    # Embedded Postgres (local mode).
+    data_dir: Path = REPO_ROOT / ".data"
+    embedded_pg_port: int = Field(default=54329, ge=1, le=65535)
+
+    # Supabase auth.
+    supabase_url: str | None = None
+    supabase_jwt_secret: SecretStr | None = None
+    supabase_jwt_issuer: str | None = None
+    supabase_jwks_url: str | None = None
+    jwt_audience: str = "authenticated"
+    jwt_leeway_s: int = Field(default=0, ge=0, le=300)
+    jwks_cache_s: int = Field(default=600, ge=0)
+    # How long a membership/permission lookup is reused: the longest a revoked permission can act.
+    auth_cache_s: float = Field(default=5.0, ge=0, le=60)
+
+    # Estimate: the plan's numbers until real product counts exist.
+    products_per_category: int = Field(default=50, ge=1, le=100_000)
+    amazon_product_cost_cents: int = Field(default=5, ge=0, le=100_000)
+    ebay_search_cost_cents: int = Field(default=5, ge=0, le=100_000)
+    ebay_searches_per_product: int = Field(default=1, ge=0, le=100)
+
+    recovery_log_limit: int = Field(default=50, ge=1, le=10_000)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    supabase_dir: Path = REPO_ROOT / "supabase"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("supabase_url")
+    @classmethod
+    def check_supabase_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"SUPABASE_URL must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def normalise_dsn(cls, value: object) -> object:
+        # asyncpg speaks postgresql://; SQLAlchemy-style DSNs are common in copied settings.
+        if isinstance(value, str):
+            if value == "":
+                return None
+            for prefix in ("postgresql+asyncpg://", "postgres+asyncpg://"):
+                if value.startswith(prefix):
+                    return "postgresql://" + value[len(prefix) :]
+        return value
+
+    @model_validator(mode="after")
+    def refuse_placeholder_secrets(self) -> Self:
+        if self.app_env is Environment.PRODUCTION:
+            if self.database_url is None:
+                raise ValueError("DATABASE_URL is required when APP_ENV=production")
+            secret = self.supabase_jwt_secret.get_secret_value() if self.supabase_jwt_secret else None
+            if secret is not None and (secret in PLACEHOLDER_SECRETS or len(secret) < 32):
+                raise ValueError("SUPABASE_JWT_SECRET is a placeholder or shorter than 32 characters")
+            if secret is None and self.jwks_url is None:
+                raise ValueError("set SUPABASE_URL (JWKS) or SUPABASE_JWT_SECRET to verify tokens")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.app_env is Environment.LOCAL
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.supabase_jwks_url:
+            return self.supabase_jwks_url
+        if self.supabase_url:
+            return f"{self.supabase_url}/auth/v1/.well-known/jwks.json"
+        return None
+
+    @property
+    def jwt_issuer(self) -> str | None:
+        if self.supabase_jwt_issuer:
+            return self.supabase_jwt_issuer
+        if self.supabase_url:
+            return f"{self.supabase_url}/auth/v1"
+        return None
+
+    @cached_property
+    def pricing(self) -> Pricing:
+        return Pricing(
+            products_per_category=self.products_per_category,
+            amazon_product_cents=self.amazon_product_cost_cents,
+            ebay_search_cents=self.ebay_search_cost_cents,
+            ebay_searches_per_product=self.ebay_searches_per_product,
+        )
+
+    @property
+    def uses_transaction_pooler(self) -> bool:
+        if self.database_url is None:
+            return False
+        try:
+            return urlsplit(self.database_url.get_secret_value()).port == 6543
+        except ValueError:
+            return False
+
+    @property
+    def statement_cache_size(self) -> int:
+        if self.db_statement_cache_size is not None:
+            return self.db_statement_cache_size
+        return 0 if self.uses_transaction_pooler else 100
+
+
+settings = Settings()

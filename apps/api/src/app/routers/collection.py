@@ -1,0 +1,128 @@
+"""The collection-run REST API. Thin: parse, one service call, return a model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, status
+
+from app.auth import CurrentUser, require_permission_key
+from app.models import (
+    CollectionRunCreate,
+    CollectionRunListResponse,
+    CollectionRunResponse,
+    CollectionSettingsResponse,
+    CollectionSettingsUpdate,
+    CostEstimate,
+    ErrorResponse,
+    EstimateRequest,
+    RunAction,
+    RunTransitionResponse,
+)
+from app.services.collection import CollectionService
+
+
+def get_service(request: Request) -> CollectionService:
+    service: CollectionService = request.app.state.service
+    return service
+
+
+Admin = Annotated[CurrentUser, Depends(require_permission_key("admin.automation"))]
+Service = Annotated[CollectionService, Depends(get_service)]
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing, invalid or expired bearer token"},
+    403: {"model": ErrorResponse, "description": "No `admin.automation` permission in the organisation"},
+    503: {"model": ErrorResponse, "description": "Database unavailable; retry after `Retry-After`"},
+}
+RUN_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "No such run in the caller's organisation"}
+}
+TRANSITION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **RUN_NOT_FOUND,
+    400: {"model": ErrorResponse, "description": "Transition not allowed from the run's status"},
+}
+
+router = APIRouter(prefix="/collection", tags=["collection"], responses=AUTH_RESPONSES)
+
+
+@router.get("/settings", response_model=CollectionSettingsResponse)
+async def get_settings(user: Admin, service: Service) -> CollectionSettingsResponse:
+    """The organisation's collection settings (created with defaults on first read)."""
+    return await service.get_settings(user.org_id)
+
+
+@router.patch("/settings", response_model=CollectionSettingsResponse)
+async def update_settings(
+    update: CollectionSettingsUpdate, user: Admin, service: Service
+) -> CollectionSettingsResponse:
+    """Change some of the organisation's settings; fields left out stay as they are."""
+    return await service.update_settings(user.org_id, update)
+
+
+@router.post("/estimate", response_model=CostEstimate)
+async def estimate(request: EstimateRequest, user: Admin, service: Service) -> CostEstimate:
+    """What a run over these categories would cost, against the organisation's budget."""
+    return await service.estimate_cost(user.org_id, request.category_ids)
+
+
+@router.post(
+    "/runs",
+    status_code=status.HTTP_201_CREATED,
+    response_model=CollectionRunResponse,
+    responses={
+        400: {"model": ErrorResponse, "description": "Estimated cost exceeds the budget cap"},
+        429: {"model": ErrorResponse, "description": "Concurrent run limit reached"},
+    },
+)
+async def create_run(request: CollectionRunCreate, user: Admin, service: Service) -> CollectionRunResponse:
+    """Create a pending run, refused if its estimate exceeds the budget cap or the org is at its limit."""
+    return await service.create_run(user.org_id, user.user_id, request)
+
+
+@router.get("/runs", response_model=CollectionRunListResponse)
+async def list_runs(
+    user: Admin,
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> CollectionRunListResponse:
+    """The organisation's runs, newest first."""
+    return await service.list_runs(user.org_id, limit, offset)
+
+
+@router.get("/runs/{run_id}", response_model=CollectionRunResponse, responses=RUN_NOT_FOUND)
+async def get_run(run_id: str, user: Admin, service: Service) -> CollectionRunResponse:
+    """One run of the organisation."""
+    return await service.get_run(user.org_id, run_id)
+
+
+async def _transition(
+    service: CollectionService, user: CurrentUser, run_id: str, action: RunAction
+) -> RunTransitionResponse:
+    run = await service.transition(user.org_id, run_id, action, user.user_id)
+    return RunTransitionResponse(status=run.status)
+
+
+@router.post("/runs/{run_id}/start", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def start_run(run_id: str, user: Admin, service: Service) -> RunTransitionResponse:
+    """pending → running."""
+    return await _transition(service, user, run_id, RunAction.START)
+
+
+@router.post("/runs/{run_id}/pause", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def pause_run(run_id: str, user: Admin, service: Service) -> RunTransitionResponse:
+    """running → paused."""
+    return await _transition(service, user, run_id, RunAction.PAUSE)
+
+
+@router.post("/runs/{run_id}/resume", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def resume_run(run_id: str, user: Admin, service: Service) -> RunTransitionResponse:
+    """paused → running."""
+    return await _transition(service, user, run_id, RunAction.RESUME)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def cancel_run(run_id: str, user: Admin, service: Service) -> RunTransitionResponse:
+    """pending, running or paused → cancelled."""
+    return await _transition(service, user, run_id, RunAction.CANCEL)
