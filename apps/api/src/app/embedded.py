@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Any
 
 # The wheel's package import looks up a runtime folder we never use, and warns when there is none.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -48,9 +49,14 @@ class EmbeddedPostgres:
         return self.pgdata / "server.log"
 
     def _run(self, binary: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        # As the system user with its own group only: keeping root's group would make root-owned
+        # folders' group bits, not their "other" bits, decide what the server may reach.
+        as_user: dict[str, Any] = (
+            {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
+        )
         return subprocess.run(
             [str(POSTGRES_BIN_PATH / binary), *args],
-            user=self._user,
+            **as_user,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -117,7 +123,11 @@ def _ensure_system_user() -> str:
     try:
         pwd.getpwnam(SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", SYSTEM_USER], check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
     return SYSTEM_USER
 
 
