@@ -93,7 +93,7 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise NotAuthenticated("Malformed bearer token") from None
+            raise NotAuthenticated("Invalid bearer token") from None
         algorithm = header.get("alg")
         key: Any
         if algorithm == "HS256" and self._secret is not None:

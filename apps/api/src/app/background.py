@@ -11,7 +11,9 @@ from app.services.collection import CollectionService
 logger = logging.getLogger(__name__)
 
 
-async def collection_startup_recovery(service: CollectionService, log_limit: int = 50) -> IncompleteRuns | None:
+async def collection_startup_recovery(
+    service: CollectionService, log_limit: int = 50
+) -> IncompleteRuns | None:
     """Find and log the runs a previous process left running or paused.
 
     Never blocks start-up on the database: if it is down, say so and start anyway; requests get 503

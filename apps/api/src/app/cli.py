@@ -51,7 +51,9 @@ def prepare_local(settings: Settings) -> tuple[Settings, EmbeddedPostgres]:
     dsn = pg.start()
     applied = asyncio.run(_migrate(dsn, settings, local=True))
     logger.info(
-        "embedded Postgres ready in %.2fs (%d migration(s) applied now)", time.perf_counter() - started, len(applied)
+        "embedded Postgres ready in %.2fs (%d migration(s) applied now)",
+        time.perf_counter() - started,
+        len(applied),
     )
     local = settings.model_copy(
         update={
@@ -73,7 +75,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         settings, pg = prepare_local(settings)
         logger.info("local mode: embedded Postgres at 127.0.0.1:%d, local HS256 tokens", pg.port)
     else:
-        logger.info("database: DATABASE_URL (%s)", "transaction pooler" if settings.uses_transaction_pooler else "direct")
+        logger.info(
+            "database: DATABASE_URL (%s)",
+            "transaction pooler" if settings.uses_transaction_pooler else "direct",
+        )
     try:
         uvicorn.run(
             create_app(settings),
@@ -100,7 +105,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ensure_local_identity(dsn: str, email: str, org_slug: str, role: str) -> tuple[uuid.UUID, uuid.UUID]:
+async def _ensure_local_identity(
+    dsn: str, email: str, org_slug: str, role: str
+) -> tuple[uuid.UUID, uuid.UUID]:
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
@@ -154,7 +161,10 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         if pg.started_here:
             pg.stop()
     token = sign_local_token(local.supabase_jwt_secret.get_secret_value(), user_id, args.email, args.ttl)
-    print(f"# {args.email} ({args.role} of org '{args.org}', id {org_id}); valid {args.ttl // 3600} h", file=sys.stderr)
+    print(
+        f"# {args.email} ({args.role} of org '{args.org}', id {org_id}); valid {args.ttl // 3600} h",
+        file=sys.stderr,
+    )
     print(token)
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -14,7 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[4]
 
 # Values that must never reach a shared environment.
-PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "super-secret-jwt-token-with-at-least-32-characters-long"})
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "super-secret-jwt-token-with-at-least-32-characters-long"}
+)
 
 
 class Environment(StrEnum):
@@ -22,20 +26,16 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+@dataclass(frozen=True, slots=True)
 class Pricing:
-    """Unit prices and counts the estimate uses. Integer cents throughout."""
+    """Unit prices and counts: what the estimate assumes and what the executor reserves and charges.
+    Integer cents throughout."""
 
-    def __init__(
-        self,
-        products_per_category: int,
-        amazon_product_cents: int,
-        ebay_search_cents: int,
-        ebay_searches_per_product: int,
-    ) -> None:
-        self.products_per_category = products_per_category
-        self.amazon_product_cents = amazon_product_cents
-        self.ebay_search_cents = ebay_search_cents
-        self.ebay_searches_per_product = ebay_searches_per_product
+    products_per_category: int
+    amazon_product_cents: int
+    ebay_search_cents: int
+    ebay_searches_per_product: int
+    bestsellers_cents: int = 0
 
     @property
     def cents_per_product(self) -> int:
@@ -43,6 +43,7 @@ class Pricing:
 
     @property
     def cents_per_category(self) -> int:
+        """The plan's estimate for a category with no history."""
         return self.products_per_category * self.cents_per_product
 
 
@@ -84,6 +85,31 @@ class Settings(BaseSettings):
     amazon_product_cost_cents: int = Field(default=5, ge=0, le=100_000)
     ebay_search_cost_cents: int = Field(default=5, ge=0, le=100_000)
     ebay_searches_per_product: int = Field(default=1, ge=0, le=100)
+
+    amazon_bestsellers_cost_cents: int = Field(default=5, ge=0, le=100_000)
+
+    # Provider: Oxylabs when both credentials are set, else the sandbox.
+    oxylabs_username: str | None = None
+    oxylabs_password: SecretStr | None = None
+    oxylabs_base_url: str = "https://realtime.oxylabs.io"
+    oxylabs_timeout_s: float = Field(default=60.0, gt=0)
+    sandbox_latency_ms: int = Field(default=100, ge=0, le=60_000)
+    sandbox_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    sandbox_charged_failure_rate: float = Field(default=0.0, ge=0, le=1)
+
+    # Executor.
+    executor_enabled: bool = True
+    worker_id: str | None = None
+    lease_ttl_s: int = Field(default=10, ge=2, le=3600)
+    executor_tick_s: float = Field(default=0.5, gt=0, le=10)
+    runs_per_process: int = Field(default=4, ge=1, le=100)
+    items_in_flight_per_run: int = Field(default=4, ge=1, le=100)
+    provider_rate_per_s: float = Field(default=50.0, ge=0)
+    provider_max_attempts: int = Field(default=4, ge=1, le=20)
+    provider_backoff_s: float = Field(default=0.2, ge=0, le=60)
+    max_failed_share: float = Field(default=0.5, gt=0, le=1)
+    min_items_for_failure_share: int = Field(default=20, ge=1)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     recovery_log_limit: int = Field(default=50, ge=1, le=10_000)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -151,6 +177,15 @@ class Settings(BaseSettings):
             return f"{self.supabase_url}/auth/v1"
         return None
 
+    @property
+    def provider_name(self) -> str:
+        return "oxylabs" if self.oxylabs_username and self.oxylabs_password else "sandbox"
+
+    @property
+    def effective_worker_id(self) -> str:
+        # Stable per host and port, so a restarted process takes its own runs back at once.
+        return self.worker_id or f"{socket.gethostname()}:{self.port}"
+
     @cached_property
     def pricing(self) -> Pricing:
         return Pricing(
@@ -158,6 +193,7 @@ class Settings(BaseSettings):
             amazon_product_cents=self.amazon_product_cost_cents,
             ebay_search_cents=self.ebay_search_cost_cents,
             ebay_searches_per_product=self.ebay_searches_per_product,
+            bestsellers_cents=self.amazon_bestsellers_cost_cents,
         )
 
     @property

@@ -32,7 +32,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     if settings.database_url is None:
-        raise RuntimeError("no DATABASE_URL: local mode starts the embedded Postgres first (collection-api serve)")
+        raise RuntimeError(
+            "no DATABASE_URL: local mode starts the embedded Postgres first (collection-api serve)"
+        )
     server_settings = {"application_name": "collection-api"}
     if not settings.uses_transaction_pooler:
         # Supabase's transaction pooler rejects start-up parameters it does not know; there the

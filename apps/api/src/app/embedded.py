@@ -76,8 +76,15 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(self._user)
             os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         result = self._run(
-            "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
-            "--locale=C", "--no-instructions",
+            "initdb",
+            "-D",
+            str(self.pgdata),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
         )
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -94,8 +101,17 @@ class EmbeddedPostgres:
             logger.info("embedded Postgres already running on %s", self.pgdata)
             return self.dsn
         result = self._run(
-            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.log_file),
-            "-o", f"-p {self.port}",
+            "pg_ctl",
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            str(self.pgdata),
+            "-l",
+            str(self.log_file),
+            "-o",
+            f"-p {self.port}",
             timeout=90,
         )
         if result.returncode != 0:

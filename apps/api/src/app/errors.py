@@ -63,6 +63,21 @@ class InvalidTransition(CollectionError):
         self.status = status
 
 
+class LeaseLost(CollectionError):
+    """The executor no longer holds the run: another process took it over."""
+
+    status_code = 409
+    error = "lease_lost"
+
+    def __init__(self) -> None:
+        super().__init__("This process no longer holds the run's lease")
+
+
+class ConstraintViolation(CollectionError):
+    status_code = 400
+    error = "constraint_violation"
+
+
 class NotAuthenticated(CollectionError):
     status_code = 401
     error = "not_authenticated"

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import AccessCache, TokenVerifier
 from app.background import collection_startup_recovery
-from app.config import Settings, settings as default_settings
+from app.config import Settings
+from app.config import settings as default_settings
 from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations

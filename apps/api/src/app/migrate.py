@@ -50,7 +50,8 @@ async def apply_migrations(
             );
             """
         )
-        done = {r["version"] for r in await conn.fetch("select version from supabase_migrations.schema_migrations")}
+        rows = await conn.fetch("select version from supabase_migrations.schema_migrations")
+        done = {r["version"] for r in rows}
         for migration in migrations(supabase_dir):
             if migration.version in done:
                 continue

@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
 MAX_CATEGORIES = 100
 MAX_BUDGET_CENTS = 1_000_000_000_000  # $10bn: far above any real cap, well inside bigint
@@ -23,9 +23,7 @@ def _printable(value: str) -> str:
     return value
 
 
-CategoryId = Annotated[
-    str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)
-]
+CategoryId = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)]
 
 
 def _distinct(ids: list[str]) -> list[str]:
@@ -88,6 +86,11 @@ class CostEstimate(BaseModel):
     budget_cap_cents: int
     warning_threshold_cents: int
     exceeds_warning: bool
+    estimated_from_history: list[str] = Field(
+        default_factory=list,
+        description="Categories priced from what earlier runs observed rather than the plan's defaults",
+    )
+    total_items: int = Field(description="Products the run is expected to process")
 
 
 class CollectionRunCreate(StrictModel):
@@ -115,6 +118,22 @@ class CollectionRunResponse(BaseModel):
     paused_at: datetime | None
     created_by: UUID | None
     created_at: datetime
+    provider: str = "sandbox"
+    status_message: str | None = None
+    status_reason: str | None = None
+    uncertain_cost_cents: int = Field(
+        default=0,
+        description="Part of actual_cost_cents that may have been charged by calls whose answer was lost",
+    )
+    reserved_cents: int = Field(default=0, description="Cost reserved for calls in flight")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def estimate_error_cents(self) -> int | None:
+        """actual - estimated, once the run has completed."""
+        if self.status is not CollectionRunStatus.COMPLETED:
+            return None
+        return self.actual_cost_cents - self.estimated_cost_cents
 
 
 class CollectionRunListResponse(BaseModel):
@@ -148,3 +167,67 @@ class IncompleteRun(BaseModel):
 class IncompleteRuns(BaseModel):
     total: int
     runs: list[IncompleteRun]
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class RunItemResponse(BaseModel):
+    run_id: UUID
+    category_id: str
+    category_position: int
+    asin: str
+    position: int
+    status: ItemStatus
+    attempts: int
+    cost_cents: int
+    result: dict[str, Any] | None
+    last_error: str | None
+    worked_by: str | None
+    updated_at: datetime
+
+
+class RunItemListResponse(BaseModel):
+    items: list[RunItemResponse]
+    total: int
+
+
+class SellerResponse(BaseModel):
+    seller: str
+    listings_seen: int
+    products_seen: int
+    lowest_price_cents: int | None
+    first_run_id: UUID | None
+    last_run_id: UUID | None
+    first_seen_at: datetime
+    last_seen_at: datetime
+
+
+class SellerListResponse(BaseModel):
+    sellers: list[SellerResponse]
+    total: int
+
+
+class RunProgress(BaseModel):
+    """A progress snapshot on the run's event stream."""
+
+    status: CollectionRunStatus
+    processed_items: int
+    failed_items: int
+    total_items: int
+    actual_cost_cents: int
+    budget_cap_cents: int
+    status_message: str | None
+
+
+class RunTransitionEvent(BaseModel):
+    """A status change on the run's event stream."""
+
+    id: int
+    from_status: CollectionRunStatus | None
+    to_status: CollectionRunStatus
+    reason: str | None
+    created_at: datetime

@@ -17,17 +17,20 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from app.database import unavailable_as_503
 from app.errors import (
     BudgetExceeded,
     CollectionError,
     ConcurrentRunLimit,
+    ConstraintViolation,
     InvalidTransition,
+    LeaseLost,
     RunNotFound,
 )
 
-Row = Mapping[str, Any]
+Row = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class Store(Protocol):
     async def user_access(self, user_id: UUID) -> list[OrgAccess]: ...
     async def get_settings(self, org_id: UUID) -> Row: ...
     async def update_settings(self, org_id: UUID, changes: Mapping[str, int | None]) -> Row: ...
+    async def estimate_inputs(self, org_id: UUID, category_ids: Sequence[str]) -> Row: ...
     async def create_run(
         self,
         org_id: UUID,
@@ -50,6 +54,7 @@ class Store(Protocol):
         category_ids: Sequence[str],
         estimated_cost_cents: int,
         total_items: int,
+        provider: str,
     ) -> Row: ...
     async def get_run(self, org_id: UUID, run_id: UUID) -> Row | None: ...
     async def list_runs(self, org_id: UUID, limit: int, offset: int) -> tuple[list[Row], int]: ...
@@ -67,6 +72,46 @@ class Store(Protocol):
         cost_cents: int,
     ) -> Row: ...
     async def incomplete_runs(self, limit: int) -> tuple[list[Row], int]: ...
+    async def list_items(
+        self, org_id: UUID, run_id: UUID, status: str | None, limit: int, offset: int
+    ) -> tuple[list[Row], int]: ...
+    async def list_sellers(self, org_id: UUID, limit: int, offset: int) -> tuple[list[Row], int]: ...
+    async def run_events_since(self, org_id: UUID, run_id: UUID, after_id: int) -> list[Row]: ...
+    # The executor's operations: fenced by the lease token.
+    async def claim_runs(self, owner: str, token: UUID, lease_s: int, limit: int) -> list[Row]: ...
+    async def heartbeat(self, token: UUID, lease_s: int) -> dict[UUID, str]: ...
+    async def release_run(self, run_id: UUID, token: UUID) -> None: ...
+    async def run_categories(self, run_id: UUID) -> list[Row]: ...
+    async def pending_items(self, run_id: UUID, category_id: str) -> list[Row]: ...
+    async def reserve(self, run_id: UUID, token: UUID, cents: int) -> str: ...
+    async def release_reservation(self, run_id: UUID, token: UUID, cents: int) -> None: ...
+    async def record_discovery(
+        self,
+        run_id: UUID,
+        token: UUID,
+        position: int,
+        products: list[dict[str, Any]],
+        cost_cents: int,
+        reserved_cents: int,
+        error: str | None,
+        estimated_per_category: int,
+    ) -> Row: ...
+    async def record_item(
+        self,
+        run_id: UUID,
+        token: UUID,
+        category_id: str,
+        asin: str,
+        status: str,
+        attempts: int,
+        cost_cents: int,
+        reserved_cents: int,
+        result: dict[str, Any] | None,
+        error: str | None,
+        sellers: list[dict[str, Any]],
+        worker: str,
+    ) -> Row: ...
+    async def finish_run(self, run_id: UUID, token: UUID, action: str, reason: str | None) -> Row | None: ...
     async def readiness(self) -> str | None: ...
     async def close(self) -> None: ...
 
@@ -87,7 +132,17 @@ def domain_error(sqlstate: str | None, message: str, detail: str | None) -> Coll
         return RunNotFound()
     if sqlstate == "CR004":
         return InvalidTransition(str(info.get("action", "change")), str(info.get("status", "unknown")))
+    if sqlstate == "CR005":
+        return LeaseLost()
+    if sqlstate == "23514":  # check_violation: a bound the schema enforces
+        return ConstraintViolation(message)
     return None
+
+
+def _row(record: asyncpg.Record | None) -> Row:
+    # Every function called for one row returns exactly one (or raises).
+    assert record is not None
+    return dict(record)
 
 
 class PostgresStore:
@@ -97,7 +152,7 @@ class PostgresStore:
         self._migrations = list(migrations)
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
         async with unavailable_as_503():
             try:
                 async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
@@ -111,15 +166,12 @@ class PostgresStore:
     async def user_access(self, user_id: UUID) -> list[OrgAccess]:
         async with self._connection() as conn:
             rows = await conn.fetch("select * from public.collection_user_access($1)", user_id)
-        return [
-            OrgAccess(r["org_id"], r["org_slug"], r["role"], frozenset(r["permissions"])) for r in rows
-        ]
+        return [OrgAccess(r["org_id"], r["org_slug"], r["role"], frozenset(r["permissions"])) for r in rows]
 
     async def get_settings(self, org_id: UUID) -> Row:
         async with self._connection() as conn:
             row = await conn.fetchrow("select * from public.collection_get_settings($1)", org_id)
-        assert row is not None
-        return row
+        return _row(row)
 
     async def update_settings(self, org_id: UUID, changes: Mapping[str, int | None]) -> Row:
         async with self._connection() as conn:
@@ -130,8 +182,12 @@ class PostgresStore:
                 changes.get("soft_warning_percent"),
                 changes.get("max_concurrent_runs"),
             )
-        assert row is not None
-        return row
+        return _row(row)
+
+    async def estimate_inputs(self, org_id: UUID, category_ids: Sequence[str]) -> Row:
+        return await self._value(
+            "select public.collection_estimate_inputs($1, $2)", org_id, list(category_ids)
+        )
 
     async def create_run(
         self,
@@ -141,26 +197,25 @@ class PostgresStore:
         category_ids: Sequence[str],
         estimated_cost_cents: int,
         total_items: int,
+        provider: str,
     ) -> Row:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "select * from public.collection_create_run($1, $2, $3, $4, $5, $6)",
+                "select * from public.collection_create_run($1, $2, $3, $4, $5, $6, $7)",
                 org_id,
                 created_by,
                 name,
                 list(category_ids),
                 estimated_cost_cents,
                 total_items,
+                provider,
             )
-        assert row is not None
-        return row
+        return _row(row)
 
     async def get_run(self, org_id: UUID, run_id: UUID) -> Row | None:
         async with self._connection() as conn:
-            row: Row | None = await conn.fetchrow(
-                "select * from public.collection_get_run($1, $2)", org_id, run_id
-            )
-        return row
+            row = await conn.fetchrow("select * from public.collection_get_run($1, $2)", org_id, run_id)
+        return None if row is None else dict(row)
 
     async def list_runs(self, org_id: UUID, limit: int, offset: int) -> tuple[list[Row], int]:
         async with self._connection() as conn:
@@ -181,8 +236,7 @@ class PostgresStore:
                 actor,
                 reason,
             )
-        assert row is not None
-        return row
+        return _row(row)
 
     async def checkpoint(
         self,
@@ -205,13 +259,125 @@ class PostgresStore:
                 failed_delta,
                 cost_cents,
             )
-        assert row is not None
-        return row
+        return _row(row)
 
     async def incomplete_runs(self, limit: int) -> tuple[list[Row], int]:
         async with self._connection() as conn:
             found = await conn.fetchval("select public.collection_incomplete_runs($1)", limit)
         return found["runs"], found["total"]
+
+    async def list_items(
+        self, org_id: UUID, run_id: UUID, status: str | None, limit: int, offset: int
+    ) -> tuple[list[Row], int]:
+        page = await self._value(
+            "select public.collection_list_items($1, $2, $3, $4, $5)", org_id, run_id, status, limit, offset
+        )
+        return page["items"], page["total"]
+
+    async def list_sellers(self, org_id: UUID, limit: int, offset: int) -> tuple[list[Row], int]:
+        page = await self._value("select public.collection_list_sellers($1, $2, $3)", org_id, limit, offset)
+        return page["sellers"], page["total"]
+
+    async def run_events_since(self, org_id: UUID, run_id: UUID, after_id: int) -> list[Row]:
+        return await self._rows(
+            "select * from public.collection_run_events_since($1, $2, $3)", org_id, run_id, after_id
+        )
+
+    async def claim_runs(self, owner: str, token: UUID, lease_s: int, limit: int) -> list[Row]:
+        return await self._rows(
+            "select * from public.collection_claim_runs($1, $2, $3, $4)", owner, token, lease_s, limit
+        )
+
+    async def heartbeat(self, token: UUID, lease_s: int) -> dict[UUID, str]:
+        rows = await self._rows("select * from public.collection_heartbeat($1, $2)", token, lease_s)
+        return {row["id"]: row["status"] for row in rows}
+
+    async def release_run(self, run_id: UUID, token: UUID) -> None:
+        await self._value("select public.collection_release_run($1, $2)", run_id, token)
+
+    async def run_categories(self, run_id: UUID) -> list[Row]:
+        return await self._rows("select * from public.collection_run_categories_of($1)", run_id)
+
+    async def pending_items(self, run_id: UUID, category_id: str) -> list[Row]:
+        return await self._rows("select * from public.collection_pending_items($1, $2)", run_id, category_id)
+
+    async def reserve(self, run_id: UUID, token: UUID, cents: int) -> str:
+        outcome: str = await self._value("select public.collection_reserve($1, $2, $3)", run_id, token, cents)
+        return outcome
+
+    async def release_reservation(self, run_id: UUID, token: UUID, cents: int) -> None:
+        await self._value("select public.collection_release_reservation($1, $2, $3)", run_id, token, cents)
+
+    async def record_discovery(
+        self,
+        run_id: UUID,
+        token: UUID,
+        position: int,
+        products: list[dict[str, Any]],
+        cost_cents: int,
+        reserved_cents: int,
+        error: str | None,
+        estimated_per_category: int,
+    ) -> Row:
+        rows = await self._rows(
+            "select * from public.collection_record_discovery($1, $2, $3, $4, $5, $6, $7, $8)",
+            run_id,
+            token,
+            position,
+            products,
+            cost_cents,
+            reserved_cents,
+            error,
+            estimated_per_category,
+        )
+        return rows[0]
+
+    async def record_item(
+        self,
+        run_id: UUID,
+        token: UUID,
+        category_id: str,
+        asin: str,
+        status: str,
+        attempts: int,
+        cost_cents: int,
+        reserved_cents: int,
+        result: dict[str, Any] | None,
+        error: str | None,
+        sellers: list[dict[str, Any]],
+        worker: str,
+    ) -> Row:
+        rows = await self._rows(
+            "select * from public.collection_record_item($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            run_id,
+            token,
+            category_id,
+            asin,
+            status,
+            attempts,
+            cost_cents,
+            reserved_cents,
+            result,
+            error,
+            sellers,
+            worker,
+        )
+        return rows[0]
+
+    async def finish_run(self, run_id: UUID, token: UUID, action: str, reason: str | None) -> Row | None:
+        rows = await self._rows(
+            "select * from public.collection_finish_run($1, $2, $3, $4)", run_id, token, action, reason
+        )
+        # A composite result that is null comes back as a row of nulls.
+        return rows[0] if rows and rows[0]["id"] is not None else None
+
+    async def _rows(self, query: str, *args: Any) -> list[Row]:
+        async with self._connection() as conn:
+            return [dict(r) for r in await conn.fetch(query, *args)]
+
+    async def _value(self, query: str, *args: Any) -> Any:
+        async with self._connection() as conn:
+            return await conn.fetchval(query, *args)
 
     async def readiness(self) -> str | None:
         """None when ready; otherwise why not (database unreachable, migrations missing)."""

@@ -3,8 +3,9 @@ the SQL functions behind the store; this layer prices, names and shapes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -15,12 +16,20 @@ from app.models import (
     CollectionRunCreate,
     CollectionRunListResponse,
     CollectionRunResponse,
+    CollectionRunStatus,
     CollectionSettingsResponse,
     CollectionSettingsUpdate,
     CostEstimate,
     IncompleteRun,
     IncompleteRuns,
+    ItemStatus,
     RunAction,
+    RunItemListResponse,
+    RunItemResponse,
+    RunProgress,
+    RunTransitionEvent,
+    SellerListResponse,
+    SellerResponse,
 )
 from app.store import Store
 
@@ -41,29 +50,51 @@ def parse_run_id(run_id: str | UUID) -> UUID:
         raise RunNotFound() from None
 
 
+TERMINAL_STATUSES = frozenset(
+    {CollectionRunStatus.COMPLETED, CollectionRunStatus.FAILED, CollectionRunStatus.CANCELLED}
+)
+
+
 class CollectionService:
-    def __init__(self, store: Store, pricing: Pricing) -> None:
+    def __init__(self, store: Store, pricing: Pricing, provider_name: str = "sandbox") -> None:
         self.store = store
         self.pricing = pricing
+        self.provider_name = provider_name
 
     # Settings ------------------------------------------------------------------------------------
     async def get_settings(self, org_id: UUID) -> CollectionSettingsResponse:
-        return CollectionSettingsResponse.model_validate(dict(await self.store.get_settings(org_id)))
+        return CollectionSettingsResponse.model_validate(await self.store.get_settings(org_id))
 
     async def update_settings(
         self, org_id: UUID, update: CollectionSettingsUpdate
     ) -> CollectionSettingsResponse:
         row = await self.store.update_settings(org_id, update.model_dump(exclude_unset=True))
-        return CollectionSettingsResponse.model_validate(dict(row))
+        return CollectionSettingsResponse.model_validate(row)
 
     # Estimate ------------------------------------------------------------------------------------
-    def price_categories(self, category_ids: Sequence[str]) -> dict[str, int]:
-        return {category_id: self.pricing.cents_per_category for category_id in category_ids}
+    def price(self, inputs: Mapping[str, Any], category_ids: Sequence[str]) -> CostEstimate:
+        """Price each category from what earlier runs observed of it, or from the plan's defaults.
 
-    async def estimate_cost(self, org_id: UUID, category_ids: Sequence[str]) -> CostEstimate:
-        breakdown = self.price_categories(category_ids)
+        From history: its discovery cost plus its last product count times the observed cost per
+        product (charged retries included), rounded up.
+        """
+        settings = CollectionSettingsResponse.model_validate(inputs["settings"])
+        history: Mapping[str, Mapping[str, int]] = inputs["history"]
+        breakdown: dict[str, int] = {}
+        from_history: list[str] = []
+        total_items = 0
+        for category_id in category_ids:
+            seen = history.get(category_id)
+            if seen:
+                products = seen["products"]
+                per_products = -(-products * seen["item_cost_cents"] // seen["items_processed"])
+                breakdown[category_id] = seen["discovery_cost_cents"] + per_products
+                from_history.append(category_id)
+            else:
+                products = self.pricing.products_per_category
+                breakdown[category_id] = self.pricing.cents_per_category
+            total_items += products
         total = sum(breakdown.values())
-        settings = await self.get_settings(org_id)
         threshold = settings.budget_cap_cents * settings.soft_warning_percent // 100
         return CostEstimate(
             total_cents=total,
@@ -72,30 +103,36 @@ class CollectionService:
             budget_cap_cents=settings.budget_cap_cents,
             warning_threshold_cents=threshold,
             exceeds_warning=total > threshold,
+            estimated_from_history=from_history,
+            total_items=total_items,
         )
+
+    async def estimate_cost(self, org_id: UUID, category_ids: Sequence[str]) -> CostEstimate:
+        return self.price(await self.store.estimate_inputs(org_id, category_ids), category_ids)
 
     # Runs ----------------------------------------------------------------------------------------
     async def create_run(
         self, org_id: UUID, created_by: UUID | None, request: CollectionRunCreate
     ) -> CollectionRunResponse:
         """Price the run, then let the database check the cap and the concurrency limit atomically."""
-        breakdown = self.price_categories(request.category_ids)
+        estimate = await self.estimate_cost(org_id, request.category_ids)
         name = (request.name or "").strip() or default_run_name()
         row = await self.store.create_run(
             org_id=org_id,
             created_by=created_by,
             name=name,
             category_ids=request.category_ids,
-            estimated_cost_cents=sum(breakdown.values()),
-            total_items=len(request.category_ids) * self.pricing.products_per_category,
+            estimated_cost_cents=estimate.total_cents,
+            total_items=estimate.total_items,
+            provider=self.provider_name,
         )
-        return CollectionRunResponse.model_validate(dict(row))
+        return CollectionRunResponse.model_validate(row)
 
     async def get_run(self, org_id: UUID, run_id: str | UUID) -> CollectionRunResponse:
         row = await self.store.get_run(org_id, parse_run_id(run_id))
         if row is None:
             raise RunNotFound()
-        return CollectionRunResponse.model_validate(dict(row))
+        return CollectionRunResponse.model_validate(row)
 
     async def list_runs(self, org_id: UUID, limit: int, offset: int) -> CollectionRunListResponse:
         rows, total = await self.store.list_runs(org_id, limit, offset)
@@ -112,7 +149,7 @@ class CollectionService:
         reason: str | None = None,
     ) -> CollectionRunResponse:
         row = await self.store.transition_run(org_id, parse_run_id(run_id), action.value, actor, reason)
-        return CollectionRunResponse.model_validate(dict(row))
+        return CollectionRunResponse.model_validate(row)
 
     async def start_run(self, org_id: UUID, run_id: str | UUID, actor: UUID | None) -> CollectionRunResponse:
         return await self.transition(org_id, run_id, RunAction.START, actor)
@@ -140,7 +177,44 @@ class CollectionService:
         row = await self.store.checkpoint(
             org_id, parse_run_id(run_id), step_key, checkpoint, processed_delta, failed_delta, cost_cents
         )
-        return CollectionRunResponse.model_validate(dict(row))
+        return CollectionRunResponse.model_validate(row)
+
+    # Items, sellers, progress ---------------------------------------------------------------------
+    async def list_items(
+        self, org_id: UUID, run_id: str | UUID, status: ItemStatus | None, limit: int, offset: int
+    ) -> RunItemListResponse:
+        run = await self.get_run(org_id, run_id)  # 404 for another org's run, not an empty page
+        rows, total = await self.store.list_items(
+            org_id, run.id, status.value if status else None, limit, offset
+        )
+        return RunItemListResponse(items=[RunItemResponse.model_validate(r) for r in rows], total=total)
+
+    async def list_sellers(self, org_id: UUID, limit: int, offset: int) -> SellerListResponse:
+        rows, total = await self.store.list_sellers(org_id, limit, offset)
+        return SellerListResponse(sellers=[SellerResponse.model_validate(r) for r in rows], total=total)
+
+    async def watch_run(
+        self, org_id: UUID, run_id: UUID, poll_s: float = 0.25
+    ) -> AsyncIterator[RunProgress | RunTransitionEvent]:
+        """Every transition, and a progress snapshot whenever it changed (at most 1/poll_s a second),
+        until the run ends."""
+        last_event_id = 0
+        last_progress: RunProgress | None = None
+        while True:
+            for event in await self.store.run_events_since(org_id, run_id, last_event_id):
+                last_event_id = event["id"]
+                if event["from_status"] is not None:
+                    yield RunTransitionEvent.model_validate(event)
+            row = await self.store.get_run(org_id, run_id)
+            if row is None:
+                return
+            progress = RunProgress.model_validate(row)
+            if progress != last_progress:
+                yield progress
+                last_progress = progress
+            if progress.status in TERMINAL_STATUSES:
+                return
+            await asyncio.sleep(poll_s)
 
     # Recovery ------------------------------------------------------------------------------------
     async def get_incomplete_runs(self, limit: int = 50) -> IncompleteRuns:
