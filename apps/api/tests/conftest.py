@@ -82,6 +82,8 @@ def make_settings(dsn: str, tmp_path: Path, **overrides: Any) -> Settings:
         "data_dir": tmp_path / "data",
         "db_acquire_timeout_s": 2.0,
         "db_connect_timeout_s": 2.0,
+        # The executor runs only in the tests about it, so contract tests see runs stay as they left them.
+        "executor_enabled": False,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -194,7 +196,9 @@ async def create_run(
 ) -> dict[str, Any]:
     """POST /collection/runs and insist on 201; returns the run."""
     response = await client.post(
-        "/collection/runs", json={"category_ids": categories or ["electronics"], **body}, headers=actor.headers
+        "/collection/runs",
+        json={"category_ids": categories or ["electronics"], **body},
+        headers=actor.headers,
     )
     assert response.status_code == 201, response.text
     run: dict[str, Any] = response.json()

@@ -27,7 +27,6 @@ import asyncpg
 import httpx
 import jwt
 import pytest
-from conftest import JWT_ISSUER, JWT_SECRET, World, create_run, free_port, make_settings, sign_token
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import FastAPI
@@ -36,6 +35,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from app import auth as auth_module
 from app.config import Settings
 from app.main import create_app
+from conftest import JWT_ISSUER, JWT_SECRET, World, create_run, free_port, make_settings, sign_token
 
 RUNS = "/collection/runs"
 INVALID = "Invalid bearer token"
@@ -71,7 +71,10 @@ class SigningKey:
 
     def sign(self, claims: dict[str, Any], **header: Any) -> str:
         return jwt.encode(
-            claims, self.private_key, algorithm=header.pop("alg", self.algorithm), headers={"kid": self.kid, **header}
+            claims,
+            self.private_key,
+            algorithm=header.pop("alg", self.algorithm),
+            headers={"kid": self.kid, **header},
         )
 
 
@@ -115,13 +118,21 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def hand_made_token(header: dict[str, Any], claims: dict[str, Any], hmac_key: bytes | None) -> str:
-    """A JWS built without PyJWT (which refuses to make these): HS256 over `hmac_key`, or unsigned."""
+def hand_made_token(
+    header: dict[str, Any], claims: dict[str, Any], hmac_key: bytes | None, signer: SigningKey | None = None
+) -> str:
+    """A JWS built without PyJWT's checks (it refuses to make these): HS256 over `hmac_key`, signed
+    by `signer` whatever the header says, or unsigned."""
     signing_input = ".".join(
         b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
-    )
-    signature = b"" if hmac_key is None else hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(signature)}"
+    ).encode()
+    if signer is not None:
+        signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input, signer.private_key)
+    elif hmac_key is not None:
+        signature = hmac.new(hmac_key, signing_input, hashlib.sha256).digest()
+    else:
+        signature = b""
+    return f"{signing_input.decode()}.{b64url(signature)}"
 
 
 class JwksServer:
@@ -140,7 +151,9 @@ class JwksServer:
                 server.hits += 1
                 if server.delay_s:
                     time.sleep(server.delay_s)
-                body = server.raw_body if server.raw_body is not None else json.dumps(server.document).encode()
+                body = (
+                    server.raw_body if server.raw_body is not None else json.dumps(server.document).encode()
+                )
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -207,7 +220,8 @@ async def serve(settings: Settings) -> AsyncIterator[Served]:
     """The real app with its own lifespan, as the `app`/`client` fixtures build it."""
     application = create_app(settings)
     async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application)
+        # As a server would: an unhandled error is a 500 response, not an exception in the test.
+        transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             yield Served(application, c)
 
@@ -282,13 +296,21 @@ INVALID_TOKEN_CASES: dict[str, HeaderCase] = {
             ]
         )
     ),
-    "alg-none": token_case(lambda s: hand_made_token({"alg": "none", "typ": "JWT"}, claims_for(s.user_id), None)),
-    "alg-None": token_case(lambda s: hand_made_token({"alg": "None", "typ": "JWT"}, claims_for(s.user_id), None)),
-    "alg-NONE": token_case(lambda s: hand_made_token({"alg": "NONE", "typ": "JWT"}, claims_for(s.user_id), None)),
+    "alg-none": token_case(
+        lambda s: hand_made_token({"alg": "none", "typ": "JWT"}, claims_for(s.user_id), None)
+    ),
+    "alg-None": token_case(
+        lambda s: hand_made_token({"alg": "None", "typ": "JWT"}, claims_for(s.user_id), None)
+    ),
+    "alg-NONE": token_case(
+        lambda s: hand_made_token({"alg": "NONE", "typ": "JWT"}, claims_for(s.user_id), None)
+    ),
     "alg-none-with-valid-hs256-signature": token_case(
         lambda s: hand_made_token({"alg": "none"}, claims_for(s.user_id), JWT_SECRET.encode())
     ),
-    "alg-missing": token_case(lambda s: hand_made_token({"typ": "JWT"}, claims_for(s.user_id), JWT_SECRET.encode())),
+    "alg-missing": token_case(
+        lambda s: hand_made_token({"typ": "JWT"}, claims_for(s.user_id), JWT_SECRET.encode())
+    ),
     "confusion-hs256-keyed-with-rs256-pem": token_case(
         lambda s: hand_made_token(
             {"alg": "HS256", "typ": "JWT", "kid": s.keys.rs.kid}, claims_for(s.user_id), s.keys.rs.public_pem
@@ -318,7 +340,9 @@ INVALID_TOKEN_CASES: dict[str, HeaderCase] = {
     "not-yet-valid": token_case(lambda s: sign_token(s.user_id, nbf=int(time.time()) + 600)),
     "wrong-audience": token_case(lambda s: sign_token(s.user_id, aud="anon")),
     "missing-audience": token_case(lambda s: sign_token(s.user_id, aud=None)),
-    "wrong-issuer": token_case(lambda s: sign_token(s.user_id, iss="https://other-project.supabase.co/auth/v1")),
+    "wrong-issuer": token_case(
+        lambda s: sign_token(s.user_id, iss="https://other-project.supabase.co/auth/v1")
+    ),
     "missing-issuer": token_case(lambda s: sign_token(s.user_id, iss=None)),
     "missing-sub": token_case(lambda s: sign_token(s.user_id, sub=None)),
     "empty-sub": token_case(lambda s: sign_token(s.user_id, sub="")),
@@ -335,14 +359,17 @@ INVALID_TOKEN_CASES: dict[str, HeaderCase] = {
     "es256-unknown-kid": token_case(lambda s: s.keys.es_unknown.sign(claims_for(s.user_id))),
     "es256-served-kid-wrong-key": token_case(
         lambda s: jwt.encode(
-            claims_for(s.user_id), s.keys.es_unknown.private_key, algorithm="ES256", headers={"kid": s.keys.es.kid}
+            claims_for(s.user_id),
+            s.keys.es_unknown.private_key,
+            algorithm="ES256",
+            headers={"kid": s.keys.es.kid},
         )
     ),
     "es256-without-kid": token_case(
         lambda s: jwt.encode(claims_for(s.user_id), s.keys.es.private_key, algorithm="ES256")
     ),
     "es256-non-string-kid": token_case(
-        lambda s: jwt.encode(claims_for(s.user_id), s.keys.es.private_key, algorithm="ES256", headers={"kid": 1})
+        lambda s: hand_made_token({"alg": "ES256", "kid": ["es-1"]}, claims_for(s.user_id), None, s.keys.es)
     ),
     "es256-wrong-audience": token_case(lambda s: s.keys.es.sign(claims_for(s.user_id, aud="anon"))),
 }
@@ -396,7 +423,13 @@ class TestRefusedTokens:
         assert await run_count(db) == 1
 
     async def test_hs256_is_refused_when_the_project_has_no_secret(
-        self, migrated_dsn: str, tmp_path: Path, jwks_server: JwksServer, world: World, db: asyncpg.Pool, keys: Keys
+        self,
+        migrated_dsn: str,
+        tmp_path: Path,
+        jwks_server: JwksServer,
+        world: World,
+        db: asyncpg.Pool,
+        keys: Keys,
     ) -> None:
         """A JWKS-only project: neither the PEM of a served key nor any secret can sign an HS256 token."""
         admin = await world.admin()
@@ -405,7 +438,9 @@ class TestRefusedTokens:
         )
         async with serve(settings) as served:
             for hmac_key in (keys.es.public_pem, keys.rs.public_pem, JWT_SECRET.encode()):
-                token = hand_made_token({"alg": "HS256", "kid": keys.es.kid}, claims_for(admin.user_id), hmac_key)
+                token = hand_made_token(
+                    {"alg": "HS256", "kid": keys.es.kid}, claims_for(admin.user_id), hmac_key
+                )
                 response = await request_runs(served.client, "POST", bearer(token))
                 assert_unauthenticated(response, INVALID)
             ok = await request_runs(served.client, "POST", bearer(keys.es.sign(claims_for(admin.user_id))))
@@ -417,7 +452,9 @@ class TestRefusedTokens:
 # Accepted tokens
 # --------------------------------------------------------------------------------------------------
 class TestAcceptedTokens:
-    async def test_hs256_signed_with_the_project_secret(self, client: httpx.AsyncClient, world: World) -> None:
+    async def test_hs256_signed_with_the_project_secret(
+        self, client: httpx.AsyncClient, world: World
+    ) -> None:
         admin = await world.admin()
         run = await create_run(client, admin)
         response = await client.get(RUNS, headers=bearer(sign_token(admin.user_id)))
@@ -435,12 +472,28 @@ class TestAcceptedTokens:
 
         created = await jwks_app.client.post(RUNS, json={"category_ids": ["toys"]}, headers=bearer(token))
         assert created.status_code == 201, created.text
-        row = await db.fetchrow("select org_id, created_by from collection_runs where id = $1", created.json()["id"])
+        row = await db.fetchrow(
+            "select org_id, created_by from collection_runs where id = $1", created.json()["id"]
+        )
         assert (row["org_id"], row["created_by"]) == (admin.org_id, admin.user_id)
 
         listed = await jwks_app.client.get(RUNS, headers=bearer(token))
         assert listed.status_code == 200
         assert [r["id"] for r in listed.json()["runs"]] == [created.json()["id"]]
+
+    @pytest.mark.parametrize("signing", ["hmac-with-project-secret", "es256-served-key"])
+    async def test_hand_made_tokens_are_sound(
+        self, jwks_app: Served, world: World, keys: Keys, signing: str
+    ) -> None:
+        """Control for the hand-made refused tokens: built the same way but honest, they pass."""
+        admin = await world.admin()
+        claims = claims_for(admin.user_id)
+        if signing == "hmac-with-project-secret":
+            token = hand_made_token({"alg": "HS256", "typ": "JWT"}, claims, JWT_SECRET.encode())
+        else:
+            token = hand_made_token({"alg": "ES256", "kid": keys.es.kid}, claims, None, keys.es)
+        response = await jwks_app.client.get(RUNS, headers=bearer(token))
+        assert response.status_code == 200, response.text
 
     async def test_served_key_without_alg_member_is_used_for_its_key_type(
         self, jwks_app: Served, jwks_server: JwksServer, world: World, keys: Keys
@@ -469,7 +522,9 @@ class TestJwks:
     ) -> None:
         admin = await world.admin()
         token = keys.es.sign(claims_for(admin.user_id))
-        responses = await asyncio.gather(*(jwks_app.client.get(RUNS, headers=bearer(token)) for _ in range(20)))
+        responses = await asyncio.gather(
+            *(jwks_app.client.get(RUNS, headers=bearer(token)) for _ in range(20))
+        )
         assert [r.status_code for r in responses] == [200] * 20
         assert jwks_server.hits == 1
 
@@ -525,7 +580,8 @@ class TestJwks:
         assert jwks_server.hits == 1
         clock.advance(auth_module.JWKS_MIN_REFRESH_S + 1)
         assert_unauthenticated(
-            await jwks_app.client.get(RUNS, headers=bearer(keys.es_unknown.sign(claims_for(admin.user_id)))), INVALID
+            await jwks_app.client.get(RUNS, headers=bearer(keys.es_unknown.sign(claims_for(admin.user_id)))),
+            INVALID,
         )
         assert jwks_server.hits == 2
 
@@ -539,7 +595,9 @@ class TestJwks:
                 response = await served.client.get(RUNS, headers=bearer(key.sign(claims_for(admin.user_id))))
                 assert_unauthenticated(response, INVALID)
             # The legacy secret does not depend on the JWKS.
-            assert (await served.client.get(RUNS, headers=bearer(sign_token(admin.user_id)))).status_code == 200
+            assert (
+                await served.client.get(RUNS, headers=bearer(sign_token(admin.user_id)))
+            ).status_code == 200
 
     async def test_jwks_going_down_keeps_the_keys_already_fetched(
         self, jwks_app: Served, jwks_server: JwksServer, world: World, keys: Keys, clock: Clock
@@ -626,13 +684,17 @@ class TestOrganisationChoice:
         assert_forbidden(await client.post(RUNS, json={"category_ids": ["a"]}, headers=headers))
         assert await run_count(db) == 0
 
-    async def test_member_without_permission_is_403(self, client: httpx.AsyncClient, world: World, db) -> None:
+    async def test_member_without_permission_is_403(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
         member = await world.member_only("acme")
         assert_forbidden(await client.get(RUNS, headers=member.headers))
         assert_forbidden(await client.post(RUNS, json={"category_ids": ["a"]}, headers=member.headers))
         assert await run_count(db) == 0
 
-    async def test_user_in_two_orgs_must_choose_one(self, client: httpx.AsyncClient, world: World, db) -> None:
+    async def test_user_in_two_orgs_must_choose_one(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
         admin = await world.actor("acme", "globex")
         for response in (
             await client.get(RUNS, headers=admin.headers),
@@ -694,12 +756,16 @@ class TestOrganisationChoice:
         assert_forbidden(response)
         assert await run_count(db) == 0
 
-    async def test_admin_in_one_org_member_in_another(self, client: httpx.AsyncClient, world: World, db) -> None:
+    async def test_admin_in_one_org_member_in_another(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
         user = await world.admin("acme")
         globex = await world.org("globex")
         await world.member(user.user_id, globex, "member")
 
-        assert_forbidden(await client.post(RUNS, json={"category_ids": ["a"]}, headers=user.headers_for(globex)))
+        assert_forbidden(
+            await client.post(RUNS, json={"category_ids": ["a"]}, headers=user.headers_for(globex))
+        )
         assert_forbidden(await client.get(RUNS, headers=user.headers_for("globex")))
         assert await run_count(db) == 0
 
@@ -746,7 +812,8 @@ class TestPermissionsFromDatabase:
             async with db.acquire() as conn, conn.transaction():
                 await conn.execute("delete from role_permissions where role = 'admin'")
                 await conn.execute(
-                    "insert into role_permissions (role, permission_key) values ('member', 'admin.automation')"
+                    "insert into role_permissions (role, permission_key) "
+                    "values ('member', 'admin.automation')"
                 )
             assert_forbidden(await client.get(RUNS, headers=admin.headers))
             await create_run(client, member)
@@ -754,8 +821,8 @@ class TestPermissionsFromDatabase:
             async with db.acquire() as conn, conn.transaction():
                 await conn.execute("delete from role_permissions where role = 'member'")
                 await conn.execute(
-                    "insert into role_permissions (role, permission_key) values ('admin', 'admin.automation') "
-                    "on conflict do nothing"
+                    "insert into role_permissions (role, permission_key) "
+                    "values ('admin', 'admin.automation') on conflict do nothing"
                 )
         assert await run_count(db) == 1
 
@@ -779,7 +846,9 @@ class TestAccessCache:
         assert await run_count(db) == 3  # both after the demotion: the old permission was reused
 
         cached_app.app.state.access_cache.clear()
-        assert_forbidden(await cached_app.client.post(RUNS, json={"category_ids": ["a"]}, headers=admin.headers))
+        assert_forbidden(
+            await cached_app.client.post(RUNS, json={"category_ids": ["a"]}, headers=admin.headers)
+        )
         assert await run_count(db) == 3
 
     async def test_revoked_membership_acts_until_the_window_ends(
@@ -794,7 +863,9 @@ class TestAccessCache:
         assert await run_count(db) == 1
 
         clock.advance(1.0)  # 5.5 s after the lookup: past AUTH_CACHE_S=5
-        assert_forbidden(await cached_app.client.post(RUNS, json={"category_ids": ["a"]}, headers=admin.headers))
+        assert_forbidden(
+            await cached_app.client.post(RUNS, json={"category_ids": ["a"]}, headers=admin.headers)
+        )
         assert await run_count(db) == 1
 
     async def test_cache_is_per_user(self, cached_app: Served, world: World, db) -> None:

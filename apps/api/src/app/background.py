@@ -1,12 +1,16 @@
-"""Work the lifespan starts: start-up recovery (and, from plan 07 on, the run executor)."""
+"""Work the lifespan starts: start-up recovery, then the collection manager that runs the runs."""
 
 from __future__ import annotations
 
 import logging
 
+from app.config import Settings
 from app.errors import DatabaseUnavailable
+from app.executor import CollectionManager
 from app.models import IncompleteRuns
+from app.providers.base import Provider
 from app.services.collection import CollectionService
+from app.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -24,3 +28,10 @@ async def collection_startup_recovery(
     except DatabaseUnavailable as exc:
         logger.error("start-up recovery skipped: %s", exc.message)
         return None
+
+
+def collection_manager(store: Store, provider: Provider, settings: Settings) -> CollectionManager:
+    """Start claiming and executing running runs in this process; the lifespan stops it."""
+    manager = CollectionManager(store, provider, settings)
+    manager.start()
+    return manager

@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     sandbox_latency_ms: int = Field(default=100, ge=0, le=60_000)
     sandbox_failure_rate: float = Field(default=0.0, ge=0, le=1)
     sandbox_charged_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    sandbox_call_log: Path | None = None  # tests: every sandbox call, one line each
 
     # Executor.
     executor_enabled: bool = True

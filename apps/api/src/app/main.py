@@ -14,12 +14,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import AccessCache, TokenVerifier
-from app.background import collection_startup_recovery
+from app.background import collection_manager, collection_startup_recovery
 from app.config import Settings
 from app.config import settings as default_settings
 from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
+from app.providers import make_provider
 from app.routers import collection as collection_router
 from app.routers import health as health_router
 from app.services.collection import CollectionService
@@ -74,16 +75,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = PostgresStore(
             pool, settings.db_acquire_timeout_s, [m.version for m in migrations(settings.supabase_dir)]
         )
-        service = CollectionService(store, settings.pricing)
+        provider = make_provider(settings)
+        service = CollectionService(store, settings.pricing, provider.name)
+        if provider.name == "sandbox":
+            logger.warning(
+                "provider: SANDBOX (no OXYLABS_USERNAME/OXYLABS_PASSWORD): runs use a simulated catalogue "
+                "and cost nothing real"
+            )
+        else:
+            logger.info("provider: Oxylabs (%s)", settings.oxylabs_base_url)
         app.state.settings = settings
         app.state.store = store
         app.state.service = service
         app.state.token_verifier = TokenVerifier(settings, http_client)
         app.state.access_cache = AccessCache(store, settings.auth_cache_s)
         await collection_startup_recovery(service, settings.recovery_log_limit)
+        manager = collection_manager(store, provider, settings) if settings.executor_enabled else None
+        app.state.manager = manager
         try:
             yield
         finally:
+            if manager is not None:
+                await manager.stop()
+            await provider.aclose()
             await store.close()
             await http_client.aclose()
 

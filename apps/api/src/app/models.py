@@ -2,28 +2,53 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, computed_field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    computed_field,
+    field_validator,
+)
 
 MAX_CATEGORIES = 100
 MAX_BUDGET_CENTS = 1_000_000_000_000  # $10bn: far above any real cap, well inside bigint
 
 
-def _printable(value: str) -> str:
-    # Postgres text cannot hold NUL, and control characters in names only ever come from mistakes.
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+def _no_control_characters(value: str) -> str:
+    # Postgres text cannot hold NUL, and control characters (C0 and C1, as the schema's [[:cntrl:]])
+    # in names and ids only ever come from mistakes.
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
         raise ValueError("must not contain control characters")
+    return value
+
+
+def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be blank")
     return value
 
 
-CategoryId = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)]
+CategoryId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64),
+    AfterValidator(_no_control_characters),
+    AfterValidator(_not_blank),
+]
+def _blank_or_printable(value: str) -> str:
+    # Whitespace alone (tabs and newlines included) is a blank name: the service names the run.
+    return value if not value.strip() else _no_control_characters(value)
+
+
+RunName = Annotated[str, StringConstraints(max_length=200), AfterValidator(_blank_or_printable)]
 
 
 def _distinct(ids: list[str]) -> list[str]:
@@ -70,9 +95,18 @@ class CollectionSettingsResponse(BaseModel):
 
 
 class CollectionSettingsUpdate(StrictModel):
+    """Fields left out stay as they are; an explicit null is a wrong type, not "no change"."""
+
     budget_cap_cents: Annotated[int, Field(strict=True, ge=0, le=MAX_BUDGET_CENTS)] | None = None
     soft_warning_percent: Annotated[int, Field(strict=True, ge=0, le=100)] | None = None
     max_concurrent_runs: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = None
+
+    @field_validator("budget_cap_cents", "soft_warning_percent", "max_concurrent_runs", mode="before")
+    @classmethod
+    def refuse_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("must be an integer, not null")
+        return value
 
 
 class EstimateRequest(StrictModel):
@@ -94,7 +128,7 @@ class CostEstimate(BaseModel):
 
 
 class CollectionRunCreate(StrictModel):
-    name: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+    name: RunName | None = Field(
         default=None, description="Blank or absent: 'Collection YYYY-MM-DD HH:MM' (UTC)"
     )
     category_ids: CategoryIds

@@ -185,9 +185,10 @@ class PostgresStore:
         return _row(row)
 
     async def estimate_inputs(self, org_id: UUID, category_ids: Sequence[str]) -> Row:
-        return await self._value(
+        inputs: Row = await self._value(
             "select public.collection_estimate_inputs($1, $2)", org_id, list(category_ids)
         )
+        return inputs
 
     async def create_run(
         self,

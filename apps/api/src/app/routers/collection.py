@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.auth import CurrentUser, require_permission_key
 from app.models import (
@@ -16,8 +19,12 @@ from app.models import (
     CostEstimate,
     ErrorResponse,
     EstimateRequest,
+    ItemStatus,
     RunAction,
+    RunItemListResponse,
+    RunProgress,
     RunTransitionResponse,
+    SellerListResponse,
 )
 from app.services.collection import CollectionService
 
@@ -126,3 +133,49 @@ async def resume_run(run_id: str, user: Admin, service: Service) -> RunTransitio
 async def cancel_run(run_id: str, user: Admin, service: Service) -> RunTransitionResponse:
     """pending, running or paused → cancelled."""
     return await _transition(service, user, run_id, RunAction.CANCEL)
+
+
+@router.get("/runs/{run_id}/items", response_model=RunItemListResponse, responses=RUN_NOT_FOUND)
+async def list_run_items(
+    run_id: str,
+    user: Admin,
+    service: Service,
+    status: ItemStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> RunItemListResponse:
+    """The run's products in order (category, then best-seller rank), optionally by status."""
+    return await service.list_items(user.org_id, run_id, status, limit, offset)
+
+
+@router.get("/sellers", response_model=SellerListResponse)
+async def list_sellers(
+    user: Admin,
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> SellerListResponse:
+    """eBay sellers found by the organisation's runs, most listings first."""
+    return await service.list_sellers(user.org_id, limit, offset)
+
+
+async def existing_run_id(run_id: str, user: Admin, service: Service) -> UUID:
+    # Resolved before the stream opens, so an unknown run is a plain 404, not an empty stream.
+    return (await service.get_run(user.org_id, run_id)).id
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        **RUN_NOT_FOUND,
+        200: {"description": "`progress` and `transition` events until the run ends"},
+    },
+)
+async def run_events(
+    run_id: Annotated[UUID, Depends(existing_run_id)], user: Admin, service: Service
+) -> AsyncIterator[ServerSentEvent]:
+    """Live progress of a run (Server-Sent Events): snapshots and every transition, until it ends."""
+    async for update in service.watch_run(user.org_id, run_id):
+        kind = "progress" if isinstance(update, RunProgress) else "transition"
+        yield ServerSentEvent(event=kind, data=update)

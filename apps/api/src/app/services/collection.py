@@ -116,7 +116,8 @@ class CollectionService:
     ) -> CollectionRunResponse:
         """Price the run, then let the database check the cap and the concurrency limit atomically."""
         estimate = await self.estimate_cost(org_id, request.category_ids)
-        name = (request.name or "").strip() or default_run_name()
+        # A name is kept verbatim; only a blank one is replaced.
+        name = request.name if request.name and request.name.strip() else default_run_name()
         row = await self.store.create_run(
             org_id=org_id,
             created_by=created_by,
@@ -224,10 +225,14 @@ class CollectionService:
     async def resume_incomplete_runs(self, log_limit: int = 50) -> IncompleteRuns:
         """Find the runs a previous process left running or paused and log each of them.
 
-        Running them again is the executor's job (plan 07); until then they are reported, not resumed.
+        Running runs continue: the collection manager claims them (this process at once if it has
+        the same WORKER_ID as before, another replica once their lease expires). Paused runs stay paused.
         """
         found = await self.get_incomplete_runs(log_limit)
-        logger.info("start-up recovery: %d interrupted run(s) found", found.total)
+        logger.info(
+            "start-up recovery: %d interrupted run(s) found (running ones resume; paused stay paused)",
+            found.total,
+        )
         for run in found.runs:
             logger.info(
                 "interrupted run id=%s name=%r status=%s checkpoint=%s",

@@ -1,0 +1,392 @@
+"""The collection executor: a manager per process that claims running runs under a lease, and one
+RunExecutor per claimed run that walks its categories and items.
+
+Durability rules (each enforced by a SQL function, fenced by the lease token):
+- before each charged call its cost is reserved; a reservation that would pass the run's cap pauses
+  the run (`budget_exhausted`) instead;
+- each finished item lands in one atomic, idempotent statement (result, counters, cost, checkpoint);
+- a process that dies leaves its reservations behind; whoever takes the run over counts them as
+  uncertain charges, so the provider can never have charged more than the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from uuid import UUID
+
+from app.config import Pricing, Settings
+from app.errors import CollectionError, DatabaseUnavailable, InvalidTransition, LeaseLost
+from app.providers.base import CallResult, Provider, ProviderFatalError
+from app.store import Row, Store
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RateLimiter:
+    """At most `rate` provider calls a second from this process (0: no limit)."""
+
+    def __init__(self, rate_per_s: float) -> None:
+        self._interval = 1 / rate_per_s if rate_per_s > 0 else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        if not self._interval:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self._interval
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+@dataclass
+class ItemOutcome:
+    status: str  # done | failed
+    attempts: int = 0
+    cost_cents: int = 0
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    sellers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExecutorLimits:
+    items_in_flight: int
+    max_attempts: int
+    backoff_s: float
+    max_failed_share: float
+    min_items_for_failure_share: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExecutorLimits:
+        return cls(
+            items_in_flight=settings.items_in_flight_per_run,
+            max_attempts=settings.provider_max_attempts,
+            backoff_s=settings.provider_backoff_s,
+            max_failed_share=settings.max_failed_share,
+            min_items_for_failure_share=settings.min_items_for_failure_share,
+        )
+
+
+class RunExecutor:
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        pricing: Pricing,
+        limits: ExecutorLimits,
+        limiter: RateLimiter,
+        run_id: UUID,
+        token: UUID,
+        worker_id: str,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.pricing = pricing
+        self.limits = limits
+        self.limiter = limiter
+        self.run_id = run_id
+        self.token = token
+        self.worker_id = worker_id
+        self.stopping = asyncio.Event()
+        self.stop_reason: str | None = None
+        self.failure: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """No new item starts; items in flight finish and are checkpointed."""
+        if not self.stopping.is_set():
+            self.stop_reason = reason
+            self.stopping.set()
+
+    async def execute(self) -> None:
+        try:
+            for category in await self.store.run_categories(self.run_id):
+                if self.stopping.is_set():
+                    break
+                if category["discovered_at"] is None:
+                    await self._discover(category)
+                    if self.stopping.is_set():
+                        break
+                await self._process_category(category["category_id"])
+            await self._finish()
+        except LeaseLost:
+            logger.warning("run %s: lease lost to another process; stopping without writing", self.run_id)
+        except DatabaseUnavailable as exc:
+            # The lease stays ours; the manager resumes the run when the database is back.
+            logger.warning("run %s: paused work, database unavailable: %s", self.run_id, exc.message)
+
+    # Categories and items ----------------------------------------------------------------------
+    async def _discover(self, category: Row) -> None:
+        cents = self.pricing.bestsellers_cents
+        if not await self._reserve(cents):
+            return
+        try:
+            result, attempts = await self._call(self.provider.bestsellers, category["category_id"])
+        except ProviderFatalError as exc:
+            await self.store.release_reservation(self.run_id, self.token, cents)
+            self._fail(str(exc))
+            return
+        products = [{"asin": p.asin, "title": p.title} for p in result.value or []]
+        await self.store.record_discovery(
+            self.run_id,
+            self.token,
+            category["position"],
+            products,
+            cents if result.charged else 0,
+            cents,
+            None if result.ok else f"amazon_bestsellers: {result.error}",
+            self.pricing.products_per_category,
+        )
+
+    async def _process_category(self, category_id: str) -> None:
+        slots = asyncio.Semaphore(self.limits.items_in_flight)
+        async with asyncio.TaskGroup() as group:
+            for item in await self.store.pending_items(self.run_id, category_id):
+                await slots.acquire()
+                if self.stopping.is_set():
+                    slots.release()
+                    break
+                group.create_task(self._item(item, slots))
+
+    async def _item(self, item: Row, slots: asyncio.Semaphore) -> None:
+        cents = self.pricing.cents_per_product
+        try:
+            if not await self._reserve(cents):
+                return
+            try:
+                outcome = await self._work(item)
+            except ProviderFatalError as exc:
+                await self.store.release_reservation(self.run_id, self.token, cents)
+                self._fail(str(exc))
+                return
+            run = await self.store.record_item(
+                self.run_id,
+                self.token,
+                item["category_id"],
+                item["asin"],
+                outcome.status,
+                outcome.attempts,
+                outcome.cost_cents,
+                cents,
+                outcome.result,
+                outcome.error,
+                outcome.sellers,
+                self.worker_id,
+            )
+            self._check_failure_share(run)
+        except LeaseLost:
+            self.stop("lease_lost")
+        except CollectionError as exc:
+            # Database down mid-item: what it may have cost stays reserved, and becomes an uncertain
+            # charge if the run is released or taken over before the item is done again.
+            logger.warning("run %s item %s not recorded: %s", self.run_id, item["asin"], exc.message)
+            self.stop("database_unavailable")
+        finally:
+            slots.release()
+
+    async def _work(self, item: Row) -> ItemOutcome:
+        outcome = ItemOutcome(status="failed")
+        product_call, attempts = await self._call(self.provider.product, item["asin"])
+        outcome.attempts += attempts
+        outcome.cost_cents += self.pricing.amazon_product_cents if product_call.charged else 0
+        product = product_call.value
+        if product is None:
+            outcome.error = f"amazon_product: {product_call.error}"
+            return outcome
+        outcome.result = {
+            "title": product.title,
+            "price_cents": product.price_cents,
+            "brand": product.brand,
+        }
+        sellers: dict[str, dict[str, Any]] = {}
+        for search in range(self.pricing.ebay_searches_per_product):
+            query = product.title if search == 0 else f"{product.brand or ''} {product.title}".strip()
+            ebay_call, attempts = await self._call(self.provider.ebay_search, query)
+            outcome.attempts += attempts
+            outcome.cost_cents += self.pricing.ebay_search_cents if ebay_call.charged else 0
+            if ebay_call.value is None:
+                outcome.error = f"ebay_search: {ebay_call.error}"
+                return outcome
+            for listing in ebay_call.value:
+                seen = sellers.setdefault(
+                    listing.seller, {"seller": listing.seller, "listings": 0, "price_cents": None}
+                )
+                seen["listings"] += listing.listings
+                if listing.price_cents is not None:
+                    seen["price_cents"] = min(filter(None, (seen["price_cents"], listing.price_cents)))
+        outcome.status = "done"
+        outcome.sellers = sorted(sellers.values(), key=lambda s: (-s["listings"], s["seller"]))
+        outcome.result["sellers"] = outcome.sellers
+        return outcome
+
+    async def _call(
+        self, call: Callable[[str], Awaitable[CallResult[T]]], query: str
+    ) -> tuple[CallResult[T], int]:
+        """Retry free failures with backoff, a bounded number of times; never retry a charged one."""
+        attempt = 0
+        while True:
+            attempt += 1
+            await self.limiter.acquire()
+            result = await call(query)
+            if result.ok or result.charged or attempt >= self.limits.max_attempts:
+                return result, attempt
+            delay = self.limits.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            await asyncio.sleep(delay)
+
+    # Budget, failures, the end -----------------------------------------------------------------
+    async def _reserve(self, cents: int) -> bool:
+        outcome = await self.store.reserve(self.run_id, self.token, cents)
+        if outcome == "ok":
+            return True
+        self.stop(outcome)
+        if outcome == "budget_exhausted":
+            logger.info("run %s paused: budget exhausted", self.run_id)
+        return False
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        self.stop("failed")
+
+    def _check_failure_share(self, run: Row) -> None:
+        processed, failed = run["processed_items"], run["failed_items"]
+        if (
+            processed >= self.limits.min_items_for_failure_share
+            and failed > processed * self.limits.max_failed_share
+        ):
+            self._fail(
+                f"{failed} of {processed} products failed, more than {self.limits.max_failed_share:.0%}"
+            )
+
+    async def _finish(self) -> None:
+        if self.stop_reason == "lease_lost":
+            return
+        try:
+            if self.failure is not None:
+                await self.store.finish_run(self.run_id, self.token, "fail", self.failure)
+                logger.warning("run %s failed: %s", self.run_id, self.failure)
+                return
+            if not self.stopping.is_set():
+                finished = await self.store.finish_run(self.run_id, self.token, "complete", None)
+                if finished is not None:
+                    logger.info(
+                        "run %s completed: %s items, %s failed, %s cents (estimated %s)",
+                        self.run_id,
+                        finished["processed_items"],
+                        finished["failed_items"],
+                        finished["actual_cost_cents"],
+                        finished["estimated_cost_cents"],
+                    )
+                    return
+        except InvalidTransition:
+            pass  # paused or cancelled meanwhile: give the run back as it is
+        await self.store.release_run(self.run_id, self.token)
+
+
+class CollectionManager:
+    """Claims running runs for this process, heartbeats their leases and runs an executor for each."""
+
+    def __init__(self, store: Store, provider: Provider, settings: Settings) -> None:
+        self.store = store
+        self.provider = provider
+        self.settings = settings
+        self.worker_id = settings.effective_worker_id
+        self.token = uuid.uuid4()
+        self.limits = ExecutorLimits.from_settings(settings)
+        self.limiter = RateLimiter(settings.provider_rate_per_s)
+        self.executors: dict[UUID, tuple[RunExecutor, asyncio.Task[None]]] = {}
+        self._stopped = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._db_down_logged = False
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="collection-manager")
+        logger.info(
+            "collection manager started: worker %s, provider %s, up to %d runs x %d items in flight",
+            self.worker_id,
+            self.provider.name,
+            self.settings.runs_per_process,
+            self.limits.items_in_flight,
+        )
+
+    async def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                await self.tick()
+                if self._db_down_logged:
+                    logger.info("collection manager: database reachable again")
+                    self._db_down_logged = False
+            except DatabaseUnavailable as exc:
+                if not self._db_down_logged:
+                    logger.warning("collection manager waiting for the database: %s", exc.message)
+                    self._db_down_logged = True
+            except Exception:
+                logger.exception("collection manager tick failed")
+            try:
+                await asyncio.wait_for(self._stopped.wait(), self.settings.executor_tick_s)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        """Heartbeat what we hold, stop what we no longer hold, then claim what we have room for."""
+        ttl = self.settings.lease_ttl_s
+        held = await self.store.heartbeat(self.token, ttl)
+        for run_id, (executor, _) in list(self.executors.items()):
+            status = held.get(run_id)
+            if status is None:
+                executor.stop("lease_lost")
+            elif status != "running":
+                executor.stop(status)
+        for run_id, status in held.items():
+            if run_id in self.executors:
+                continue
+            if status == "running":
+                self._spawn(run_id)  # ours, but its executor ended early (e.g. the database was down)
+            else:
+                await self.store.release_run(run_id, self.token)
+        room = self.settings.runs_per_process - len(self.executors)
+        if room > 0:
+            for run in await self.store.claim_runs(self.worker_id, self.token, ttl, room):
+                logger.info("run %s (%s) claimed by %s", run["id"], run["name"], self.worker_id)
+                self._spawn(run["id"])
+
+    def _spawn(self, run_id: UUID) -> None:
+        executor = RunExecutor(
+            self.store,
+            self.provider,
+            self.settings.pricing,
+            self.limits,
+            self.limiter,
+            run_id,
+            self.token,
+            self.worker_id,
+        )
+        task = asyncio.create_task(executor.execute(), name=f"run-{run_id}")
+        self.executors[run_id] = (executor, task)
+        task.add_done_callback(lambda _: self.executors.pop(run_id, None))
+
+    async def stop(self) -> None:
+        """Stop claiming, let items in flight finish and give the runs back (within the grace time)."""
+        self._stopped.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        tasks = []
+        for executor, task in list(self.executors.values()):
+            executor.stop("shutdown")
+            tasks.append(task)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
