@@ -1,4 +1,4 @@
--- Local development data only: applied by `make run` / `collection-api migrate --seed` to the
+-- Local development data only: applied by `make run` / `collection-api migrate` (local mode) to the
 -- embedded Postgres (and by `supabase db reset` on a local Supabase stack), never by `db push`.
 insert into auth.users (id, email)
 values ('00000000-0000-4000-8000-000000000001', 'admin@local.test')

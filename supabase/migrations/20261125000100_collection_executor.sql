@@ -109,6 +109,16 @@ declare
   r public.collection_runs;
   current_status text;
 begin
+  -- Lock the row first and decide from the status it has now: a transition queued behind another
+  -- is judged on the status the first one left (an UPDATE joined to the transitions table would
+  -- re-check the run row but keep the transition row it matched before it waited).
+  select status into current_status
+    from public.collection_runs where id = p_run_id and org_id = p_org_id
+     for update;
+  if not found then
+    raise exception 'run not found' using errcode = 'CR003';
+  end if;
+
   perform set_config('collection.actor', coalesce(p_actor::text, ''), true);
   perform set_config('collection.reason', coalesce(p_reason, p_action), true);
 
@@ -129,19 +139,12 @@ begin
            else run.budget_cap_cents end
     from public.collection_run_transitions t
    where run.id = p_run_id
-     and run.org_id = p_org_id
      and t.action = p_action
-     and t.from_status = run.status
+     and t.from_status = current_status
   returning run.* into r;
 
   if found then
     return r;
-  end if;
-
-  select status into current_status
-    from public.collection_runs where id = p_run_id and org_id = p_org_id;
-  if not found then
-    raise exception 'run not found' using errcode = 'CR003';
   end if;
   raise exception 'cannot % a run that is %', p_action, current_status
     using errcode = 'CR004',

@@ -65,12 +65,9 @@ async def db(migrated_dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture(autouse=True)
-async def clean_tables(request: pytest.FixtureRequest) -> None:
+async def clean_tables(db: asyncpg.Pool) -> None:
     """Empty every table a test can write (reference data from the migrations stays)."""
-    if "no_db" in request.keywords:
-        return
-    pool: asyncpg.Pool = request.getfixturevalue("db")
-    await pool.execute("truncate auth.users, public.organizations restart identity cascade")
+    await db.execute("truncate auth.users, public.organizations restart identity cascade")
 
 
 def make_settings(dsn: str, tmp_path: Path, **overrides: Any) -> Settings:

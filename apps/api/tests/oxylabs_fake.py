@@ -2,9 +2,9 @@
 
 It checks HTTP Basic auth, records every request it receives (payload and Authorization header), and answers
 in Oxylabs' documented envelope `{"results": [{"content": ..., "status_code": <target status>, ...}]}` with
-canned content per source: a parsed `amazon_bestsellers` page, parsed `amazon_product` pages (shapes from the
-Best Sellers and Product pages of the Web Scraper API docs), and eBay search pages as HTML (`ebay_search` has no
-dedicated parser) in both eBay layouts, `li.s-item` and `li.s-card`.
+canned content per source: a parsed `amazon_bestsellers` page, parsed `amazon_product` pages (shapes from
+the Best Sellers and Product pages of the Web Scraper API docs), and eBay search pages as HTML (`ebay_search`
+has no dedicated parser) in both eBay layouts, `li.s-item` and `li.s-card`.
 
 A test scripts what a query gets, in order, to provoke each failure class:
 
@@ -371,7 +371,11 @@ PRODUCTS: dict[str, dict[str, Any]] = {
         warnings=["Could not parse price.", "Could not parse description."],
     ),
     "B0BT7N8S9D": product_content(
-        "B0BT7N8S9D", "Tailspin Sport Bone Conduction Headphones", 1299.0, brand="Tailspin", price_buybox=1299.0
+        "B0BT7N8S9D",
+        "Tailspin Sport Bone Conduction Headphones",
+        1299.0,
+        brand="Tailspin",
+        price_buybox=1299.0,
     ),
 }
 
@@ -386,7 +390,13 @@ EBAY_LISTINGS = [
     ("Northwind Studio Wireless Headphones Black NEW", "$118.00", "audio_outlet_usa", "12,408", "99.7"),
     ("Northwind Studio Over-Ear Headphones - Sealed", "$124.95", "gadget.depot-22", "3,115", "98.9"),
     ("Northwind Studio Headphones Black Open Box", "$96.50", "audio_outlet_usa", "12,408", "99.7"),
-    ("NEW Northwind Studio Wireless Over-Ear (Black)", "$99.99 to $109.99", "audio_outlet_usa", "12,408", "99.7"),
+    (
+        "NEW Northwind Studio Wireless Over-Ear (Black)",
+        "$99.99 to $109.99",
+        "audio_outlet_usa",
+        "12,408",
+        "99.7",
+    ),
     ("Northwind Studio Headphones Refurbished", "$1,089.00", "kw_electronics", "87", "100"),
     ("Northwind Studio Headphones w/ Case", "$131.20", "gadget.depot-22", "3,115", "98.9"),
 ]
@@ -408,14 +418,16 @@ def _s_item(title: str, price: str, seller: str | None, feedback: str = "", perc
         else ""
     )
     return (
-        '<li class="s-item s-item__pl-on-bottom" data-view="mi:1686|iid:1"><div class="s-item__wrapper clearfix">'
+        '<li class="s-item s-item__pl-on-bottom" data-view="mi:1686|iid:1">'
+        '<div class="s-item__wrapper clearfix">'
         '<div class="s-item__image-section"><div class="s-item__image"><img alt="" src="https://i.ebayimg.com/'
         'images/g/x/s-l140.webp"></div></div><div class="s-item__info clearfix">'
         '<a class="s-item__link" href="https://www.ebay.com/itm/256012345678">'
         f'<div class="s-item__title"><span role="heading" aria-level="3">{title}</span></div></a>'
         '<div class="s-item__subtitle"><span class="SECONDARY_INFO">Brand New</span></div>'
         '<div class="s-item__details clearfix"><div class="s-item__detail s-item__detail--primary">'
-        f'<span class="s-item__price">{price}</span></div><div class="s-item__detail s-item__detail--primary">'
+        f'<span class="s-item__price">{price}</span></div>'
+        '<div class="s-item__detail s-item__detail--primary">'
         '<span class="s-item__shipping s-item__logisticsCost">Free shipping</span></div>'
         f"{seller_info}</div></div></div></li>"
     )
@@ -435,13 +447,15 @@ def _s_card(title: str, price: str, seller: str, feedback: str, percent: str, wa
         '<div class="su-card-container__content"><div class="su-card-container__header">'
         '<a class="su-link" href="https://www.ebay.com/itm/256012345678"><div role="heading" aria-level="3" '
         f'class="s-card__title"><span class="su-styled-text primary default">{title}</span></div></a>'
-        '<div class="s-card__subtitle-row"><div class="s-card__subtitle"><span class="su-styled-text secondary '
-        'default">Brand New</span></div></div></div><div class="su-card-container__attributes">'
+        '<div class="s-card__subtitle-row"><div class="s-card__subtitle">'
+        '<span class="su-styled-text secondary default">Brand New</span></div></div></div>'
+        '<div class="su-card-container__attributes">'
         f'<div class="su-card-container__attributes__primary">{strikethrough}'
         '<div class="s-card__attribute-row"><span class="su-styled-text primary bold large-1 s-card__price">'
         f"{price}</span></div>"
         '<div class="s-card__attribute-row"><span class="su-styled-text secondary large">Free delivery</span>'
-        '</div></div><div class="su-card-container__attributes__secondary"><div class="s-card__attribute-row">'
+        '</div></div><div class="su-card-container__attributes__secondary">'
+        '<div class="s-card__attribute-row">'
         f'<span class="su-styled-text primary large">{seller}</span> '
         f'<span class="su-styled-text primary large">{percent}% positive ({feedback})</span>'
         "</div></div></div></div></div></li>"
@@ -450,7 +464,8 @@ def _s_card(title: str, price: str, seller: str, feedback: str, percent: str, wa
 
 def _search_page(query: str, items: str, notice: str = "") -> str:
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{query} | eBay</title></head><body>'
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{query} | eBay</title></head><body>"
         '<div id="srp-river-main" class="srp-main srp-main--isLarge">'
         f'{notice}<div id="srp-river-results" class="srp-river-results clearfix">'
         f'<ul class="srp-results srp-list clearfix">{items}</ul></div></div></body></html>'
@@ -489,9 +504,9 @@ EBAY_PAGE_S_CARD = _search_page(
 )
 EBAY_PAGE_NO_RESULTS = _search_page(
     EBAY_QUERY_NO_RESULTS,
-    "",
-    notice='<div class="srp-save-null-search"><h3 class="srp-save-null-search__heading">No exact matches found'
-    "</h3></div>",
+    _s_item("Shop on eBay", "$20.00", None),  # the template item is there even when nothing matched
+    notice='<div class="srp-save-null-search">'
+    '<h3 class="srp-save-null-search__heading">No exact matches found</h3></div>',
 )
 EBAY_PAGES = {
     EBAY_QUERY_S_ITEM: EBAY_PAGE_S_ITEM,

@@ -16,6 +16,10 @@ from app.config import REPO_ROOT
 from app.embedded import EmbeddedPostgres
 from app.migrate import apply_migrations, migrations
 
+# The autouse truncation in conftest needs the session pool already set up (it cannot set it up from
+# inside the running event loop), so every test here asks for it.
+pytestmark = pytest.mark.usefixtures("db")
+
 SUPABASE_DIR = REPO_ROOT / "supabase"
 SCHEMAS = ["public", "auth", "supabase_migrations"]
 
@@ -69,9 +73,8 @@ async def fingerprint(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...
 
 
 @pytest.fixture
-async def fresh_database(embedded_pg: EmbeddedPostgres, db: asyncpg.Pool) -> AsyncIterator[str]:
-    """An empty database of its own in the session's Postgres. (Asks for `db` so that the autouse
-    truncation finds the session pool already set up.)"""
+async def fresh_database(embedded_pg: EmbeddedPostgres) -> AsyncIterator[str]:
+    """An empty database of its own in the session's Postgres."""
     name = f"migrations_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(embedded_pg.dsn)
     try:

@@ -1,4 +1,4 @@
-"""OxylabsProvider against a local Oxylabs on loopback: what it parses, what it sends, how each failure bills."""
+"""OxylabsProvider against a local Oxylabs on loopback: what it parses, what it sends, how failures bill."""
 
 from __future__ import annotations
 
@@ -148,7 +148,9 @@ class TestProduct:
         )
         assert result.charged
 
-    async def test_sends_the_documented_payload(self, provider: OxylabsProvider, oxylabs: FakeOxylabs) -> None:
+    async def test_sends_the_documented_payload(
+        self, provider: OxylabsProvider, oxylabs: FakeOxylabs
+    ) -> None:
         await provider.product(ASIN)
 
         assert oxylabs.requests[0].credentials == (USERNAME, PASSWORD)
@@ -163,7 +165,9 @@ class TestProduct:
     async def test_a_page_without_title_is_a_charged_failure(
         self, provider: OxylabsProvider, oxylabs: FakeOxylabs
     ) -> None:
-        oxylabs.script(ASIN, Answer(content={"asin": ASIN, "title": " ", "price": 12.5, "parse_status_code": 12002}))
+        oxylabs.script(
+            ASIN, Answer(content={"asin": ASIN, "title": " ", "price": 12.5, "parse_status_code": 12002})
+        )
 
         result = await provider.product(ASIN)
 
@@ -316,7 +320,9 @@ class TestBilling:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             closed_port = probe.getsockname()[1]
-        provider = OxylabsProvider(USERNAME, PASSWORD, base_url=f"http://127.0.0.1:{closed_port}", timeout_s=2)
+        provider = OxylabsProvider(
+            USERNAME, PASSWORD, base_url=f"http://127.0.0.1:{closed_port}", timeout_s=2
+        )
         try:
             result = await provider.bestsellers(BESTSELLERS_CATEGORY)
         finally:
@@ -387,7 +393,7 @@ class TestMoney:
         ("value", "cents"),
         [(19.99, 1999), (4.35, 435), (0.1 + 0.2, 30), (1299, 129900), ("$8.50", 850), (0, None), (-1, None)],
     )
-    def test_parsed_prices_to_cents_without_float_arithmetic(self, value: Any, cents: int | None) -> None:
+    def test_parsed_prices_to_cents_exactly(self, value: Any, cents: int | None) -> None:
         assert amount_cents(value) == cents
 
     @pytest.mark.parametrize("value", [None, True, float("nan"), float("inf"), [12.5]])

@@ -65,15 +65,20 @@ async def waiting_on_locks(db: asyncpg.Pool, pids: Sequence[int] | None = None) 
     return count
 
 
+async def at_least(count: Awaitable[int], n: int) -> bool:
+    return await count >= n
+
+
 class Gate:
     """A transaction on its own connection holding a lock every racer must pass, until `open()`."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
         self._holding = conn.transaction()
 
-    async def hold(self, conn: asyncpg.Connection, lock_sql: str, *args: Any) -> None:
+    async def hold(self, lock_sql: str, *args: Any) -> None:
         await self._holding.start()
-        await conn.execute(lock_sql, *args)
+        await self._conn.execute(lock_sql, *args)
 
     async def open(self) -> None:
         await self._holding.commit()
@@ -84,10 +89,10 @@ async def gate(dsn: str, lock_sql: str, *args: Any) -> AsyncIterator[Gate]:
     conn = await asyncpg.connect(dsn)
     try:
         held = Gate(conn)
-        await held.hold(conn, lock_sql, *args)
+        await held.hold(lock_sql, *args)
         yield held
     finally:
-        await conn.close()  # rolls back a gate that was never opened
+        await conn.close()  # also rolls back a gate that was never opened
 
 
 async def patch_settings(client: httpx.AsyncClient, actor: Actor, **changes: int) -> dict[str, Any]:
@@ -165,7 +170,7 @@ class TestCreateRace:
             ]
             try:
                 # Nobody can create while the gate holds the table: all 50 are in flight together.
-                await eventually(lambda: _at_least(waiting_on_locks(db), 50), "50 requests at the gate")
+                await eventually(lambda: at_least(waiting_on_locks(db), 50), "50 requests at the gate")
                 await held.open()
                 responses = await asyncio.gather(*requests)
             finally:
@@ -210,7 +215,7 @@ class TestCreateRace:
                 tasks = [asyncio.create_task(create(conn, i)) for i, conn in enumerate(racers)]
                 pids = [conn.get_server_pid() for conn in racers]
                 await eventually(
-                    lambda: _at_least(waiting_on_locks(db, pids), 50), "50 connections at the gate"
+                    lambda: at_least(waiting_on_locks(db, pids), 50), "50 connections at the gate"
                 )
                 await held.open()
                 results = await asyncio.gather(*tasks)
@@ -230,10 +235,6 @@ class TestCreateRace:
             "select max_concurrent_runs from public.collection_settings where org_id = $1", org_id
         )
         assert [r["max_concurrent_runs"] for r in settings_rows] == [3]
-
-
-async def _at_least(count: Awaitable[int], n: int) -> bool:
-    return await count >= n
 
 
 class TestTransitionRace:
@@ -354,7 +355,7 @@ class TestTransitionRace:
                 for conn, action in zip(racers, (first, second), strict=True):
                     tasks.append(asyncio.create_task(transition(conn, action)))
                     pids = [conn.get_server_pid()]
-                    await eventually(lambda p=pids: _at_least(waiting_on_locks(db, p), 1), f"{action} queued")
+                    await eventually(lambda p=pids: at_least(waiting_on_locks(db, p), 1), f"{action} queued")
                 await held.open()
                 results = await asyncio.gather(*tasks)
         finally:
@@ -454,3 +455,59 @@ class TestBudgetRace:
             "select budget_cap_cents from public.collection_settings where org_id = $1", admin.org_id
         )
         assert final_cap == self.CAPS[-1]
+
+    async def test_a_cap_lowered_while_a_create_is_in_flight_takes_effect_in_commit_order(
+        self, client: httpx.AsyncClient, world: World, db: asyncpg.Pool, migrated_dsn: str
+    ) -> None:
+        """The create is held at the gate (no run can be inserted) after it has begun; the PATCH comes
+        next. Either the PATCH waits for the create (the run is admitted under the old cap, which was in
+        force when it committed) or it goes first (and the create must then be judged by the new cap)."""
+        admin = await world.admin("acme")
+        await patch_settings(client, admin, budget_cap_cents=self.START_CAP, max_concurrent_runs=1000)
+        ten_categories = [f"c{n}" for n in range(10)]  # 5000 c: within 10000, over 1000
+
+        async with gate(migrated_dsn, "lock table public.collection_runs in exclusive mode") as held:
+            create = asyncio.create_task(
+                client.post("/collection/runs", json={"category_ids": ten_categories}, headers=admin.headers)
+            )
+            lower: asyncio.Task[httpx.Response] | None = None
+            try:
+                await eventually(lambda: at_least(waiting_on_locks(db), 1), "the create at the gate")
+                lower = asyncio.create_task(
+                    client.patch(
+                        "/collection/settings", json={"budget_cap_cents": 1000}, headers=admin.headers
+                    )
+                )
+
+                patching = lower
+
+                async def patch_settled() -> bool:
+                    return patching.done() or await waiting_on_locks(db) >= 2
+
+                await eventually(patch_settled, "the PATCH to answer or to wait")
+                patch_went_first = lower.done()
+                await held.open()
+                created, lowered = await asyncio.gather(create, lower)
+            finally:
+                for task in (create, lower):
+                    if task is not None:
+                        task.cancel()
+
+        assert lowered.status_code == 200, lowered.text
+        rows = await db.fetch(
+            "select budget_cap_cents from public.collection_runs where org_id = $1", admin.org_id
+        )
+        if patch_went_first:
+            assert created.status_code == 400, (
+                f"admitted under a cap lowered before it committed: {created.text}"
+            )
+            assert created.json()["error"] == "budget_exceeded"
+            assert rows == []
+        else:
+            assert created.status_code == 201, created.text
+            assert created.json()["budget_cap_cents"] == self.START_CAP
+            assert [r["budget_cap_cents"] for r in rows] == [self.START_CAP]
+        final_cap = await db.fetchval(
+            "select budget_cap_cents from public.collection_settings where org_id = $1", admin.org_id
+        )
+        assert final_cap == 1000

@@ -69,8 +69,11 @@ class JwksCache:
             try:
                 response = await self._client.get(self._url, timeout=5.0)
                 response.raise_for_status()
-                jwk_set = jwt.PyJWKSet.from_dict(response.json())
-            except (httpx.HTTPError, jwt.PyJWKSetError, ValueError) as exc:
+                document = response.json()
+                if not isinstance(document, dict):
+                    raise ValueError("the JWKS is not a JSON object")
+                jwk_set = jwt.PyJWKSet.from_dict(document)
+            except (httpx.HTTPError, jwt.PyJWTError, ValueError) as exc:
                 # Keep the keys we have: a JWKS outage must not lock every caller out.
                 logger.warning("could not fetch JWKS from %s: %s", self._url, exc)
                 self._fetched_at = time.monotonic() - self._ttl_s + JWKS_MIN_REFRESH_S
@@ -158,8 +161,12 @@ def choose_org(memberships: list[OrgAccess], requested: str | None) -> OrgAccess
         raise OrganisationRequired(
             f"You belong to {len(memberships)} organisations; choose one with the X-Org-Id header"
         )
+    try:
+        requested_id: UUID | str = UUID(requested)
+    except ValueError:
+        requested_id = requested  # a slug
     for access in memberships:
-        if requested in (str(access.org_id), access.org_slug):
+        if requested_id in (access.org_id, access.org_slug):
             return access
     raise PermissionDenied("You are not a member of that organisation")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
+
 from app.config import Settings
 from app.errors import DatabaseUnavailable
 from app.executor import CollectionManager
@@ -16,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 async def collection_startup_recovery(
-    service: CollectionService, log_limit: int = 50
+    service: CollectionService, log_limit: int = 50, executing: bool = True
 ) -> IncompleteRuns | None:
     """Find and log the runs a previous process left running or paused.
 
@@ -24,10 +26,13 @@ async def collection_startup_recovery(
     until it is back.
     """
     try:
-        return await service.resume_incomplete_runs(log_limit)
+        return await service.resume_incomplete_runs(log_limit, executing)
     except DatabaseUnavailable as exc:
         logger.error("start-up recovery skipped: %s", exc.message)
-        return None
+    except asyncpg.PostgresError as exc:
+        # e.g. migrations not applied yet: /readyz says so; the process must still come up to say it.
+        logger.error("start-up recovery skipped: %s: %s", type(exc).__name__, exc)
+    return None
 
 
 def collection_manager(store: Store, provider: Provider, settings: Settings) -> CollectionManager:

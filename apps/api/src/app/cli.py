@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import asyncpg
 import jwt
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from app.config import Settings
 from app.embedded import EmbeddedPostgres
@@ -107,7 +107,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _ensure_local_identity(
     dsn: str, email: str, org_slug: str, role: str
-) -> tuple[uuid.UUID, uuid.UUID]:
+) -> tuple[uuid.UUID, uuid.UUID, str]:
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
@@ -121,14 +121,17 @@ async def _ensure_local_identity(
                 "on conflict (slug) do update set slug = excluded.slug returning id",
                 org_slug,
             )
-            await conn.execute(
-                "insert into public.memberships (user_id, org_id, role) values ($1, $2, $3) "
-                "on conflict (user_id, org_id) do update set role = excluded.role",
+            # An existing membership keeps its role: a token request never demotes or promotes.
+            role = await conn.fetchval(
+                "with added as (insert into public.memberships (user_id, org_id, role) values ($1, $2, $3) "
+                "on conflict (user_id, org_id) do nothing returning role) "
+                "select role from added union all "
+                "select role from public.memberships where user_id = $1 and org_id = $2 limit 1",
                 user_id,
                 org_id,
                 role,
             )
-        return user_id, org_id
+        return user_id, org_id, role
     finally:
         await conn.close()
 
@@ -154,7 +157,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     local, pg = prepare_local(settings)
     try:
         assert local.database_url is not None and local.supabase_jwt_secret is not None
-        user_id, org_id = asyncio.run(
+        user_id, org_id, role = asyncio.run(
             _ensure_local_identity(local.database_url.get_secret_value(), args.email, args.org, args.role)
         )
     finally:
@@ -181,7 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--ttl", type=int, default=12 * 3600, help="seconds the token is valid")
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"collection-api: configuration refused: {reasons}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "token": cmd_token}
     return handlers[args.command](settings, args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Self
 from urllib.parse import urlsplit
@@ -147,6 +147,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def refuse_unusable_auth(self) -> Self:
+        # With a database but no way to verify tokens every request would be a 401: say so at start.
+        # (Local mode without DATABASE_URL gets its secret from the embedded data folder.)
+        if self.database_url is not None and self.supabase_jwt_secret is None and self.jwks_url is None:
+            raise ValueError("set SUPABASE_URL (JWKS) or SUPABASE_JWT_SECRET so tokens can be verified")
+        return self
+
+    @model_validator(mode="after")
     def refuse_placeholder_secrets(self) -> Self:
         if self.app_env is Environment.PRODUCTION:
             if self.database_url is None:
@@ -213,4 +221,8 @@ class Settings(BaseSettings):
         return 0 if self.uses_transaction_pooler else 100
 
 
-settings = Settings()
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use (not at import, so a
+    misconfiguration is reported by whoever starts the service, with its reasons)."""
+    return Settings()

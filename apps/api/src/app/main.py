@@ -10,13 +10,13 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import AccessCache, TokenVerifier
 from app.background import collection_manager, collection_startup_recovery
-from app.config import Settings
-from app.config import settings as default_settings
+from app.config import Settings, get_settings
 from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
@@ -66,7 +66,7 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or default_settings
+    settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = service
         app.state.token_verifier = TokenVerifier(settings, http_client)
         app.state.access_cache = AccessCache(store, settings.auth_cache_s)
-        await collection_startup_recovery(service, settings.recovery_log_limit)
+        await collection_startup_recovery(service, settings.recovery_log_limit, settings.executor_enabled)
         manager = collection_manager(store, provider, settings) if settings.executor_enabled else None
         app.state.manager = manager
         try:
@@ -107,6 +107,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Collection runs for seller research: estimate, budget-check, start and track runs.",
         lifespan=lifespan,
     )
+    if settings.cors_origins:
+        # Only the configured dashboard origins; the bundled console is same-origin and needs none.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH"],
+            allow_headers=["Authorization", "Content-Type", "X-Org-Id"],
+            max_age=600,
+        )
     app.add_exception_handler(CollectionError, collection_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)

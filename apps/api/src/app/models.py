@@ -24,10 +24,10 @@ MAX_BUDGET_CENTS = 1_000_000_000_000  # $10bn: far above any real cap, well insi
 
 
 def _no_control_characters(value: str) -> str:
-    # Postgres text cannot hold NUL, and control characters (C0 and C1, as the schema's [[:cntrl:]])
-    # in names and ids only ever come from mistakes.
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
-        raise ValueError("must not contain control characters")
+    # Postgres text cannot hold NUL or lone surrogates, and control characters (C0 and C1, as the
+    # schema's [[:cntrl:]]) in names and ids only ever come from mistakes.
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+        raise ValueError("must not contain control characters or lone surrogates")
     return value
 
 
@@ -43,6 +43,8 @@ CategoryId = Annotated[
     AfterValidator(_no_control_characters),
     AfterValidator(_not_blank),
 ]
+
+
 def _blank_or_printable(value: str) -> str:
     # Whitespace alone (tabs and newlines included) is a blank name: the service names the run.
     return value if not value.strip() else _no_control_characters(value)

@@ -116,7 +116,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def domain_error(sqlstate: str | None, message: str, detail: str | None) -> CollectionError | None:
+def domain_error(
+    sqlstate: str | None, detail: str | None, constraint: str | None = None
+) -> CollectionError | None:
     """Map an error raised by one of our SQL functions to its domain error (None: not one of ours)."""
     info: dict[str, Any] = {}
     if detail:
@@ -135,7 +137,8 @@ def domain_error(sqlstate: str | None, message: str, detail: str | None) -> Coll
     if sqlstate == "CR005":
         return LeaseLost()
     if sqlstate == "23514":  # check_violation: a bound the schema enforces
-        return ConstraintViolation(message)
+        # Name the rule, never echo the row (Postgres' message carries every column of it).
+        return ConstraintViolation(f"The request breaks the rule {constraint or 'of the schema'}")
     return None
 
 
@@ -158,7 +161,9 @@ class PostgresStore:
                 async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
                     yield conn
             except asyncpg.PostgresError as exc:
-                mapped = domain_error(exc.sqlstate, str(exc), getattr(exc, "detail", None))
+                mapped = domain_error(
+                    exc.sqlstate, getattr(exc, "detail", None), getattr(exc, "constraint_name", None)
+                )
                 if mapped is None:
                     raise
                 raise mapped from exc

@@ -222,7 +222,7 @@ class CollectionService:
         rows, total = await self.store.incomplete_runs(limit)
         return IncompleteRuns(total=total, runs=[IncompleteRun.model_validate(r) for r in rows])
 
-    async def resume_incomplete_runs(self, log_limit: int = 50) -> IncompleteRuns:
+    async def resume_incomplete_runs(self, log_limit: int = 50, executing: bool = True) -> IncompleteRuns:
         """Find the runs a previous process left running or paused and log each of them.
 
         Running runs continue: the collection manager claims them (this process at once if it has
@@ -230,8 +230,9 @@ class CollectionService:
         """
         found = await self.get_incomplete_runs(log_limit)
         logger.info(
-            "start-up recovery: %d interrupted run(s) found (running ones resume; paused stay paused)",
+            "start-up recovery: %d interrupted run(s) found (%s)",
             found.total,
+            "running ones resume; paused stay paused" if executing else "the executor is disabled here",
         )
         for run in found.runs:
             logger.info(
