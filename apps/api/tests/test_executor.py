@@ -236,3 +236,87 @@ class TestBudget:
         )
         row = await run_row(db, run["id"])
         assert row["actual_cost_cents"] == needed == row["budget_cap_cents"]
+
+
+class TestFailures:
+    @pytest.fixture
+    def executor_overrides(self) -> dict[str, Any]:
+        return {
+            "sandbox_latency_ms": 0,
+            "sandbox_charged_failure_rate": 1.0,
+            "min_items_for_failure_share": 10,
+        }
+
+    async def test_too_many_failures_fail_the_run_with_a_reason(
+        self, api: httpx.AsyncClient, world: World, db: asyncpg.Pool
+    ) -> None:
+        admin = await world.admin()
+        run = await start(api, admin, ["garden"])
+        row = await wait_for(
+            lambda: db.fetchrow(
+                "select * from collection_runs where id = $1 and status = 'failed'", run["id"]
+            )
+        )
+        # Every call is a charged 404, best sellers included: nothing could be collected.
+        category = await db.fetchrow("select * from collection_run_categories where run_id = $1", run["id"])
+        assert category["error"].startswith("amazon_bestsellers")
+        assert row["status_reason"].startswith("no category could be discovered")
+        assert row["actual_cost_cents"] == 5  # the failed page was charged, once
+        assert row["lease_token"] is None and row["reserved_cents"] == 0
+
+
+class TestFreeFailuresAreRetried:
+    @pytest.fixture
+    def executor_overrides(self) -> dict[str, Any]:
+        return {"sandbox_latency_ms": 0, "sandbox_failure_rate": 0.3, "provider_max_attempts": 6}
+
+    async def test_free_failures_cost_nothing_and_are_retried(
+        self, api: httpx.AsyncClient, world: World, db: asyncpg.Pool
+    ) -> None:
+        admin = await world.admin()
+        run = await start(api, admin, ["garden"])
+        row = await wait_for(
+            lambda: db.fetchrow(
+                "select * from collection_runs where id = $1 and status = 'completed'", run["id"]
+            )
+        )
+        items = await db.fetch("select * from collection_run_items where run_id = $1", run["id"])
+        assert sum(i["attempts"] for i in items) > 2 * len(items)  # some calls were retried
+        done = [i for i in items if i["status"] == "done"]
+        assert all(i["cost_cents"] == 10 for i in done)  # retries of free failures cost nothing
+        assert row["actual_cost_cents"] == 5 + sum(i["cost_cents"] for i in items)
+
+
+class TestProgressStream:
+    @pytest.fixture
+    def executor_overrides(self) -> dict[str, Any]:
+        return {"sandbox_latency_ms": 30, "items_in_flight_per_run": 2}
+
+    async def test_stream_sends_progress_and_transitions_until_the_run_ends(
+        self, api: httpx.AsyncClient, world: World, db: asyncpg.Pool
+    ) -> None:
+        admin = await world.admin()
+        run = await start(api, admin, ["garden"])
+        response = await asyncio.wait_for(
+            api.get(f"/collection/runs/{run['id']}/events", headers=admin.headers), 30
+        )
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = []
+        for block in response.text.strip().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            events.append((fields["event"], json.loads(fields["data"])))
+        progress = [data for kind, data in events if kind == "progress"]
+        transitions = [(d["from_status"], d["to_status"]) for kind, d in events if kind == "transition"]
+        assert ("running", "completed") in transitions
+        processed = [p["processed_items"] for p in progress]
+        assert processed == sorted(processed) and len(set(processed)) > 2
+        assert progress[-1]["status"] == "completed"
+        assert progress[-1]["actual_cost_cents"] == (await run_row(db, run["id"]))["actual_cost_cents"]
+
+    async def test_stream_of_an_unknown_run_is_404(self, api: httpx.AsyncClient, world: World) -> None:
+        admin = await world.admin()
+        response = await api.get(
+            "/collection/runs/00000000-0000-4000-8000-000000000000/events", headers=admin.headers
+        )
+        assert response.status_code == 404

@@ -278,6 +278,13 @@ class RunExecutor:
                 logger.warning("run %s failed: %s", self.run_id, self.failure)
                 return
             if not self.stopping.is_set():
+                categories = await self.store.run_categories(self.run_id)
+                if categories and all(c["error"] for c in categories):
+                    # Nothing could be collected: calling that "completed" would hide the failure.
+                    self.failure = f"no category could be discovered ({categories[0]['error']})"
+                    await self.store.finish_run(self.run_id, self.token, "fail", self.failure)
+                    logger.warning("run %s failed: %s", self.run_id, self.failure)
+                    return
                 finished = await self.store.finish_run(self.run_id, self.token, "complete", None)
                 if finished is not None:
                     logger.info(
