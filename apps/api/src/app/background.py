@@ -10,6 +10,7 @@ from app.config import Settings
 from app.errors import DatabaseUnavailable
 from app.executor import CollectionManager
 from app.models import IncompleteRuns
+from app.observability import Metrics
 from app.providers.base import Provider
 from app.services.collection import CollectionService
 from app.store import Store
@@ -35,8 +36,10 @@ async def collection_startup_recovery(
     return None
 
 
-def collection_manager(store: Store, provider: Provider, settings: Settings) -> CollectionManager:
+def collection_manager(
+    store: Store, provider: Provider, settings: Settings, metrics: Metrics | None = None
+) -> CollectionManager:
     """Start claiming and executing running runs in this process; the lifespan stops it."""
-    manager = CollectionManager(store, provider, settings)
+    manager = CollectionManager(store, provider, settings, metrics)
     manager.start()
     return manager

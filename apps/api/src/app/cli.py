@@ -17,18 +17,11 @@ from pydantic import SecretStr, ValidationError
 from app.config import Settings
 from app.embedded import EmbeddedPostgres
 from app.migrate import apply_migrations
+from app.observability import configure_logging
 
 logger = logging.getLogger("app.cli")
 
 LOCAL_ISSUER = "collection-api-local"
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _embedded(settings: Settings) -> EmbeddedPostgres:
@@ -85,6 +78,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level.lower(),
+            log_config=None,  # keep our handlers: one format, request ids, no tokens
+            access_log=False,  # our middleware writes structured access lines instead
             proxy_headers=True,
         )
     finally:
@@ -190,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"collection-api: configuration refused: {reasons}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "token": cmd_token}
     return handlers[args.command](settings, args)
 

@@ -23,6 +23,7 @@ from uuid import UUID
 
 from app.config import Pricing, Settings
 from app.errors import CollectionError, DatabaseUnavailable, InvalidTransition, LeaseLost
+from app.observability import Metrics
 from app.providers.base import CallResult, Provider, ProviderFatalError
 from app.store import Row, Store
 
@@ -90,7 +91,9 @@ class RunExecutor:
         run_id: UUID,
         token: UUID,
         worker_id: str,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.provider = provider
         self.pricing = pricing
@@ -184,6 +187,9 @@ class RunExecutor:
                 outcome.sellers,
                 self.worker_id,
             )
+            if self.metrics is not None:
+                self.metrics.items.labels(outcome.status).inc()
+                self.metrics.cents_charged.inc(outcome.cost_cents)
             self._check_failure_share(run)
         except LeaseLost:
             self.stop("lease_lost")
@@ -238,11 +244,21 @@ class RunExecutor:
         while True:
             attempt += 1
             await self.limiter.acquire()
-            result = await call(query)
+            try:
+                result = await call(query)
+            except ProviderFatalError:
+                self._count_error(call, "fatal")
+                raise
+            if not result.ok:
+                self._count_error(call, "charged" if result.charged else "free")
             if result.ok or result.charged or attempt >= self.limits.max_attempts:
                 return result, attempt
             delay = self.limits.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
             await asyncio.sleep(delay)
+
+    def _count_error(self, call: Callable[..., Any], error_class: str) -> None:
+        if self.metrics is not None:
+            self.metrics.provider_errors.labels(getattr(call, "__name__", "call"), error_class).inc()
 
     # Budget, failures, the end -----------------------------------------------------------------
     async def _reserve(self, cents: int) -> bool:
@@ -304,10 +320,13 @@ class RunExecutor:
 class CollectionManager:
     """Claims running runs for this process, heartbeats their leases and runs an executor for each."""
 
-    def __init__(self, store: Store, provider: Provider, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, provider: Provider, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.provider = provider
         self.settings = settings
+        self.metrics = metrics
         self.worker_id = settings.effective_worker_id
         self.token = uuid.uuid4()
         self.limits = ExecutorLimits.from_settings(settings)
@@ -378,6 +397,7 @@ class CollectionManager:
             run_id,
             self.token,
             self.worker_id,
+            self.metrics,
         )
         task = asyncio.create_task(executor.execute(), name=f"run-{run_id}")
         self.executors[run_id] = (executor, task)

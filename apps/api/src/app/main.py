@@ -20,7 +20,9 @@ from app.config import Settings, get_settings
 from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
+from app.observability import Metrics, RequestContextMiddleware
 from app.providers import make_provider
+from app.routers import admin as admin_router
 from app.routers import collection as collection_router
 from app.routers import health as health_router
 from app.services.collection import CollectionService
@@ -90,7 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.token_verifier = TokenVerifier(settings, http_client)
         app.state.access_cache = AccessCache(store, settings.auth_cache_s)
         await collection_startup_recovery(service, settings.recovery_log_limit, settings.executor_enabled)
-        manager = collection_manager(store, provider, settings) if settings.executor_enabled else None
+        manager = (
+            collection_manager(store, provider, settings, metrics) if settings.executor_enabled else None
+        )
         app.state.manager = manager
         try:
             yield
@@ -101,12 +105,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.close()
             await http_client.aclose()
 
+    metrics = Metrics()
     app = FastAPI(
         title="Collection API",
         version="0.6.2",
         summary="Collection runs for seller research: estimate, budget-check, start and track runs.",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         # Only the configured dashboard origins; the bundled console is same-origin and needs none.
         app.add_middleware(
@@ -122,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.include_router(health_router.router)
     app.include_router(collection_router.router)
+    app.include_router(admin_router.router)
     return app
 
 

@@ -30,6 +30,11 @@ def migrations(supabase_dir: Path) -> list[Migration]:
     for path in sorted((supabase_dir / "migrations").glob("*.sql")):
         version, _, name = path.stem.partition("_")
         found.append(Migration(version, name, path))
+    versions = [m.version for m in found]
+    duplicates = sorted({v for v in versions if versions.count(v) > 1})
+    if duplicates:
+        # The Supabase CLI keys migrations by this prefix: two files with one version would clash.
+        raise RuntimeError(f"two migration files share the version {', '.join(duplicates)}")
     return found
 
 

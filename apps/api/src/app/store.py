@@ -57,7 +57,9 @@ class Store(Protocol):
         provider: str,
     ) -> Row: ...
     async def get_run(self, org_id: UUID, run_id: UUID) -> Row | None: ...
-    async def list_runs(self, org_id: UUID, limit: int, offset: int) -> tuple[list[Row], int]: ...
+    async def list_runs(
+        self, org_id: UUID, limit: int, offset: int, status: str | None = None
+    ) -> tuple[list[Row], int]: ...
     async def transition_run(
         self, org_id: UUID, run_id: UUID, action: str, actor: UUID | None, reason: str | None
     ) -> Row: ...
@@ -112,6 +114,7 @@ class Store(Protocol):
         worker: str,
     ) -> Row: ...
     async def finish_run(self, run_id: UUID, token: UUID, action: str, reason: str | None) -> Row | None: ...
+    async def run_status_counts(self) -> dict[str, int]: ...
     async def readiness(self) -> str | None: ...
     async def close(self) -> None: ...
 
@@ -223,10 +226,12 @@ class PostgresStore:
             row = await conn.fetchrow("select * from public.collection_get_run($1, $2)", org_id, run_id)
         return None if row is None else dict(row)
 
-    async def list_runs(self, org_id: UUID, limit: int, offset: int) -> tuple[list[Row], int]:
+    async def list_runs(
+        self, org_id: UUID, limit: int, offset: int, status: str | None = None
+    ) -> tuple[list[Row], int]:
         async with self._connection() as conn:
             page = await conn.fetchval(
-                "select public.collection_list_runs($1, $2, $3)", org_id, limit, offset
+                "select public.collection_list_runs($1, $2, $3, $4)", org_id, limit, offset, status
             )
         return page["runs"], page["total"]
 
@@ -376,6 +381,10 @@ class PostgresStore:
         )
         # A composite result that is null comes back as a row of nulls.
         return rows[0] if rows and rows[0]["id"] is not None else None
+
+    async def run_status_counts(self) -> dict[str, int]:
+        rows = await self._rows("select * from public.collection_run_status_counts()")
+        return {row["status"]: row["runs"] for row in rows}
 
     async def _rows(self, query: str, *args: Any) -> list[Row]:
         async with self._connection() as conn:

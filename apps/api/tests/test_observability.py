@@ -1,0 +1,166 @@
+"""Request ids, structured access logs without secrets, security headers, body limits, CORS and
+Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import World, create_run, make_settings
+from fastapi import FastAPI
+
+from app.main import create_app
+
+
+class TestRequestIds:
+    async def test_each_response_carries_a_request_id_and_a_valid_one_is_kept(
+        self, client: httpx.AsyncClient, world: World
+    ) -> None:
+        admin = await world.admin()
+        first = await client.get("/collection/settings", headers=admin.headers)
+        second = await client.get("/collection/settings", headers=admin.headers)
+        assert first.headers["x-request-id"] != second.headers["x-request-id"]
+        kept = await client.get("/healthz", headers={"X-Request-Id": "trace-123.abc"})
+        assert kept.headers["x-request-id"] == "trace-123.abc"
+        replaced = await client.get("/healthz", headers={"X-Request-Id": "bad id\\n<script>"})
+        assert replaced.headers["x-request-id"] != "bad id\\n<script>"
+        assert len(replaced.headers["x-request-id"]) == 32
+
+
+class TestAccessLog:
+    async def test_access_lines_are_structured_and_never_carry_the_token(
+        self, client: httpx.AsyncClient, world: World, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        admin = await world.admin()
+        caplog.set_level(logging.DEBUG)
+        response = await client.get("/collection/runs?limit=5", headers=admin.headers)
+        await client.get("/collection/runs", headers={"Authorization": "Bearer not.a.token"})
+        access = [r for r in caplog.records if r.name == "app.access"]
+        assert access, "an access line per request"
+        fields = access[0].fields  # type: ignore[attr-defined]
+        assert fields["route"] == "/collection/runs" and fields["status"] == 200
+        assert fields["method"] == "GET" and fields["duration_ms"] >= 0
+        assert response.headers["x-request-id"]
+        everything = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+        assert admin.token not in everything
+        assert admin.token.split(".")[2] not in everything
+        assert "not.a.token" not in everything
+
+
+class TestHeaders:
+    async def test_api_responses_carry_security_headers_and_are_not_cached(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        response = await client.get("/collection/runs")
+        assert response.status_code == 401
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["cache-control"] == "no-store"
+
+
+class TestBodyLimits:
+    async def test_an_oversized_body_is_413_json_and_changes_nothing(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
+        admin = await world.admin()
+        body = '{"category_ids": ["' + "x" * (70 * 1024) + '"]}'
+        response = await client.post(
+            "/collection/runs",
+            content=body,
+            headers={**admin.headers, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.json()["error"] == "payload_too_large"
+        assert await db.fetchval("select count(*) from collection_runs") == 0
+
+    async def test_a_wrong_content_type_is_a_4xx(self, client: httpx.AsyncClient, world: World, db) -> None:
+        admin = await world.admin()
+        response = await client.post(
+            "/collection/runs",
+            content="category_ids=a",
+            headers={**admin.headers, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert 400 <= response.status_code < 500
+        assert await db.fetchval("select count(*) from collection_runs") == 0
+
+
+@pytest.fixture
+async def cors_client(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app: FastAPI = create_app(
+        make_settings(migrated_dsn, tmp_path, cors_origins=["https://dash.example.com"])
+    )
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            yield c
+
+
+class TestCors:
+    async def test_only_configured_origins_are_allowed(self, cors_client: httpx.AsyncClient) -> None:
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        allowed = await cors_client.options(
+            "/collection/runs", headers={"Origin": "https://dash.example.com", **preflight}
+        )
+        assert allowed.headers["access-control-allow-origin"] == "https://dash.example.com"
+        refused = await cors_client.options(
+            "/collection/runs", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in refused.headers
+
+    async def test_no_cors_headers_without_configured_origins(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/healthz", headers={"Origin": "https://dash.example.com"})
+        assert "access-control-allow-origin" not in response.headers
+
+
+class TestMetrics:
+    async def test_metrics_count_requests_per_route_and_runs_per_status(
+        self, client: httpx.AsyncClient, world: World
+    ) -> None:
+        admin = await world.admin()
+        run = await create_run(client, admin)
+        await client.post(f"/collection/runs/{run['id']}/start", headers=admin.headers)
+        await create_run(client, admin)
+        text = (await client.get("/metrics")).text
+        assert 'collection_runs{status="running"} 1.0' in text
+        assert 'collection_runs{status="pending"} 1.0' in text
+        assert (
+            'http_request_duration_seconds_count{method="POST",route="/collection/runs",status="201"} 2.0'
+            in text
+        )
+        assert "collection_items_processed_total" in text and "collection_cents_charged_total" in text
+
+    async def test_metrics_need_the_token_when_one_is_configured(
+        self, migrated_dsn: str, tmp_path: Path
+    ) -> None:
+        app = create_app(make_settings(migrated_dsn, tmp_path, metrics_token="scrape-secret"))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                assert (await c.get("/metrics")).status_code == 401
+                ok = await c.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+                assert ok.status_code == 200 and "http_request_duration_seconds" in ok.text
+
+
+class TestChunkedBodyLimit:
+    async def test_a_body_without_length_is_counted_as_it_streams(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
+        admin = await world.admin()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'{"category_ids": ["'
+            for _ in range(80):
+                yield b"x" * 1024
+            yield b'"]}'
+
+        response = await client.post(
+            "/collection/runs", content=chunks(), headers={**admin.headers, "Content-Type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"] == "payload_too_large"
+        assert await db.fetchval("select count(*) from collection_runs") == 0
