@@ -11,8 +11,10 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from conftest import World, create_run, make_settings
 from fastapi import FastAPI
+
+from app.main import create_app
+from conftest import World, create_run, make_settings
 from oxylabs_fake import (
     BESTSELLERS,
     BESTSELLERS_CATEGORY,
@@ -23,8 +25,6 @@ from oxylabs_fake import (
     serve_fake_oxylabs,
 )
 from test_executor import wait_for
-
-from app.main import create_app
 
 ASINS = [item["asin"] for item in BESTSELLERS]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from conftest import World, make_settings
 from fastapi import FastAPI
 
 from app.main import create_app
+from conftest import World, make_settings
 
 
 @pytest.fixture

@@ -65,12 +65,19 @@ RUN_ROUTES = [(method, path) for method, path in ROUTES if "{run_id}" in path]
 ACTIONABLE_FROM = {"start": "pending", "pause": "running", "resume": "paused", "cancel": "running"}
 
 
+def status_for(route: tuple[str, str]) -> str:
+    """Reads see a finished run (so a live stream of it ends); actions find the run ready for them."""
+    method, path = route
+    if method == "GET":
+        return "cancelled"
+    return ACTIONABLE_FROM.get(path.rsplit("/", 1)[-1], "running")
+
+
 def route_id(route: tuple[str, str]) -> str:
     return f"{route[0]} {route[1].removeprefix('/collection')}"
 
 
-async def test_enumeration_finds_every_contract_endpoint(db: asyncpg.Pool) -> None:
-    # `db` only so conftest's autouse truncation finds the pool already created when this runs first.
+async def test_enumeration_finds_every_contract_endpoint() -> None:
     assert CONTRACT <= set(ROUTES), CONTRACT - set(ROUTES)
     assert {r for r in ROUTES if "{run_id}" in r[1]} == set(RUN_ROUTES)
     assert len(RUN_ROUTES) >= 5
@@ -79,7 +86,8 @@ async def test_enumeration_finds_every_contract_endpoint(db: asyncpg.Pool) -> No
 async def put_run_in(db: asyncpg.Pool, run_id: str, status: str) -> None:
     """Drive a run to `status` through the same SQL function the service uses."""
     org_id = await db.fetchval("select org_id from collection_runs where id = $1", uuid.UUID(run_id))
-    for action in {"pending": [], "running": ["start"], "paused": ["start", "pause"]}[status]:
+    path = {"pending": [], "running": ["start"], "paused": ["start", "pause"], "cancelled": ["cancel"]}
+    for action in path[status]:
         await db.execute(
             "select public.collection_transition_run($1, $2, $3)", org_id, uuid.UUID(run_id), action
         )
@@ -115,7 +123,7 @@ class TestEveryEndpointRequiresThePermission:
     ) -> None:
         admin = await world.admin("acme")
         run = await create_run(client, admin)
-        await put_run_in(db, run["id"], ACTIONABLE_FROM.get(route[1].rsplit("/", 1)[-1], "pending"))
+        await put_run_in(db, run["id"], status_for(route))
         before = await database_state(db)
 
         response = await call(client, route, run["id"], {"X-Org-Id": str(admin.org_id)})
@@ -131,7 +139,7 @@ class TestEveryEndpointRequiresThePermission:
         admin = await world.admin("acme")
         member = await world.member_only("acme")
         run = await create_run(client, admin)  # in the member's own org: 404 cannot stand in for 403
-        await put_run_in(db, run["id"], ACTIONABLE_FROM.get(route[1].rsplit("/", 1)[-1], "pending"))
+        await put_run_in(db, run["id"], status_for(route))
         await client.get("/collection/settings", headers=admin.headers)  # the settings row exists
         before = await database_state(db)
 
@@ -165,7 +173,7 @@ class TestOtherOrganisationsRun:
         route: tuple[str, str],
     ) -> None:
         run = await create_run(client, acme)
-        await put_run_in(db, run["id"], ACTIONABLE_FROM.get(route[1].rsplit("/", 1)[-1], "running"))
+        await put_run_in(db, run["id"], status_for(route))
         before = await database_state(db)
 
         response = await call(client, route, run["id"], globex.headers)
@@ -191,7 +199,7 @@ class TestOtherOrganisationsRun:
         route: tuple[str, str],
     ) -> None:
         run = await create_run(client, acme)
-        await put_run_in(db, run["id"], ACTIONABLE_FROM.get(route[1].rsplit("/", 1)[-1], "running"))
+        await put_run_in(db, run["id"], status_for(route))
         before = await database_state(db)
 
         for org in (str(acme.org_id), "acme"):

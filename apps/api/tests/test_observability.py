@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import World, create_run, make_settings
 from fastapi import FastAPI
 
 from app.main import create_app
+from conftest import World, create_run, make_settings
 
 
 class TestRequestIds:
@@ -159,7 +159,9 @@ class TestChunkedBodyLimit:
             yield b'"]}'
 
         response = await client.post(
-            "/collection/runs", content=chunks(), headers={**admin.headers, "Content-Type": "application/json"}
+            "/collection/runs",
+            content=chunks(),
+            headers={**admin.headers, "Content-Type": "application/json"},
         )
         assert response.status_code == 413
         assert response.json()["error"] == "payload_too_large"

@@ -562,6 +562,63 @@ class TestListRuns:
         assert response.json() == {"runs": [], "total": 2}
 
 
+class TestListRunsByStatus:
+    async def test_only_runs_in_that_status_newest_first_and_total_counts_them(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
+        admin = await world.admin()
+        await set_settings(client, admin, max_concurrent_runs=100)
+        runs = [await create_run(client, admin, ["a"], name=f"run {i}") for i in range(5)]
+        for run in (runs[0], runs[2], runs[3]):
+            await client.post(f"/collection/runs/{run['id']}/cancel", headers=admin.headers)
+
+        cancelled = await client.get(
+            "/collection/runs", params={"status": "cancelled", "limit": 2}, headers=admin.headers
+        )
+        pending = await client.get("/collection/runs", params={"status": "pending"}, headers=admin.headers)
+        everything = await client.get("/collection/runs", headers=admin.headers)
+
+        assert cancelled.status_code == pending.status_code == everything.status_code == 200
+        assert [r["id"] for r in cancelled.json()["runs"]] == [runs[3]["id"], runs[2]["id"]]
+        assert cancelled.json()["total"] == 3
+        assert [r["id"] for r in pending.json()["runs"]] == [runs[4]["id"], runs[1]["id"]]
+        assert pending.json()["total"] == 2
+        assert everything.json()["total"] == 5
+
+    async def test_a_status_with_no_runs_is_an_empty_page(
+        self, client: httpx.AsyncClient, world: World
+    ) -> None:
+        admin = await world.admin()
+        await create_run(client, admin, ["a"])
+
+        response = await client.get("/collection/runs", params={"status": "running"}, headers=admin.headers)
+
+        assert response.status_code == 200, response.text
+        assert response.json() == {"runs": [], "total": 0}
+
+    async def test_only_the_callers_org(self, client: httpx.AsyncClient, world: World) -> None:
+        acme = await world.admin("acme")
+        globex = await world.admin("globex")
+        await create_run(client, globex, ["a"])
+        mine = await create_run(client, acme, ["a"])
+
+        response = await client.get("/collection/runs", params={"status": "pending"}, headers=acme.headers)
+
+        assert [r["id"] for r in response.json()["runs"]] == [mine["id"]]
+        assert response.json()["total"] == 1
+
+    @pytest.mark.parametrize("status", ["done", "PENDING", "", "pending' or '1'='1"])
+    async def test_an_unknown_status_is_422(
+        self, client: httpx.AsyncClient, world: World, status: str
+    ) -> None:
+        admin = await world.admin()
+
+        response = await client.get("/collection/runs", params={"status": status}, headers=admin.headers)
+
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["query", "status"]
+
+
 class TestGetRun:
     async def test_returns_the_run(self, client: httpx.AsyncClient, world: World, db) -> None:
         admin = await world.admin()

@@ -14,7 +14,7 @@ import asyncpg
 import jwt
 from pydantic import SecretStr, ValidationError
 
-from app.config import Settings
+from app.config import Settings, StoreMode
 from app.embedded import EmbeddedPostgres
 from app.migrate import apply_migrations
 from app.observability import configure_logging
@@ -64,14 +64,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from app.main import create_app
 
     pg: EmbeddedPostgres | None = None
-    if settings.database_url is None:
+    if settings.store_mode is StoreMode.EMBEDDED:
         settings, pg = prepare_local(settings)
         logger.info("local mode: embedded Postgres at 127.0.0.1:%d, local HS256 tokens", pg.port)
-    else:
-        logger.info(
-            "database: DATABASE_URL (%s)",
-            "transaction pooler" if settings.uses_transaction_pooler else "direct",
-        )
+    # The lifespan logs the store it opens: DATABASE_URL (direct or pooler) or the Supabase REST API.
     try:
         uvicorn.run(
             create_app(settings),
@@ -90,6 +86,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.store_mode is StoreMode.SUPABASE_REST:
+        print(
+            "collection-api migrate needs DATABASE_URL; with only SUPABASE_URL and a key, apply "
+            "supabase/migrations with `supabase link` and `supabase db push`",
+            file=sys.stderr,
+        )
+        return 2
     if settings.database_url is None:
         _, pg = prepare_local(settings)
         if pg.started_here:
@@ -146,8 +149,11 @@ def sign_local_token(secret: str, user_id: uuid.UUID, email: str, ttl_s: int) ->
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    if settings.database_url is not None or not settings.is_local:
-        print("collection-api token is for local mode only (no DATABASE_URL, APP_ENV=local)", file=sys.stderr)
+    if settings.store_mode is not StoreMode.EMBEDDED or not settings.is_local:
+        print(
+            "collection-api token is for local mode only (no DATABASE_URL or SUPABASE_URL, APP_ENV=local)",
+            file=sys.stderr,
+        )
         return 2
     local, pg = prepare_local(settings)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
+import jwt
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -24,6 +25,14 @@ PLACEHOLDER_SECRETS = frozenset(
 class Environment(StrEnum):
     LOCAL = "local"
     PRODUCTION = "production"
+
+
+class StoreMode(StrEnum):
+    """How the service reaches its data (see `Settings.store_mode`)."""
+
+    POSTGRES = "postgres"  # DATABASE_URL: an asyncpg pool, direct or through Supavisor
+    SUPABASE_REST = "supabase_rest"  # SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY: PostgREST via supabase-py
+    EMBEDDED = "embedded"  # neither: local mode starts the embedded Postgres and sets DATABASE_URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,10 @@ class Settings(BaseSettings):
     # None: automatic (0 for Supabase's transaction pooler on port 6543, which forbids prepared
     # statements; asyncpg's default otherwise).
     db_statement_cache_size: int | None = Field(default=None, ge=0)
+
+    # Supabase REST mode (SUPABASE_URL and this key, no DATABASE_URL): the same SQL functions called
+    # through the project's REST API. The legacy service_role JWT or a secret key (sb_secret_...).
+    supabase_service_role_key: SecretStr | None = None
 
     # Embedded Postgres (local mode).
     data_dir: Path = REPO_ROOT / ".data"
@@ -138,6 +151,31 @@ class Settings(BaseSettings):
             raise ValueError(f"SUPABASE_URL must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("supabase_service_role_key")
+    @classmethod
+    def check_service_role_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        key = value.get_secret_value().strip()
+        if key.startswith("sb_secret_"):
+            return SecretStr(key)
+        if key.startswith("sb_publishable_"):
+            raise ValueError(
+                "SUPABASE_SERVICE_ROLE_KEY holds a publishable key; use a secret key (sb_secret_...)"
+            )
+        try:
+            role = jwt.decode(key, options={"verify_signature": False}).get("role")
+        except jwt.PyJWTError:
+            role = None
+        if role != "service_role":
+            # The anon key passes PostgREST but is refused every function: fail now, not per request.
+            got = f"a JWT for the role {role!r}" if role else "neither"
+            raise ValueError(
+                "SUPABASE_SERVICE_ROLE_KEY must be the project's secret key (sb_secret_...) or its "
+                f"service_role JWT; got {got}"
+            )
+        return SecretStr(key)
+
     @field_validator("database_url", mode="before")
     @classmethod
     def normalise_dsn(cls, value: object) -> object:
@@ -154,15 +192,35 @@ class Settings(BaseSettings):
     def refuse_unusable_auth(self) -> Self:
         # With a database but no way to verify tokens every request would be a 401: say so at start.
         # (Local mode without DATABASE_URL gets its secret from the embedded data folder.)
-        if self.database_url is not None and self.supabase_jwt_secret is None and self.jwks_url is None:
+        reaches_data = self.store_mode is not StoreMode.EMBEDDED
+        if reaches_data and self.supabase_jwt_secret is None and self.jwks_url is None:
             raise ValueError("set SUPABASE_URL (JWKS) or SUPABASE_JWT_SECRET so tokens can be verified")
+        return self
+
+    @model_validator(mode="after")
+    def refuse_half_a_rest_configuration(self) -> Self:
+        # Without DATABASE_URL, the URL and the key together choose the REST mode; one of them alone
+        # would silently fall back to the embedded database.
+        if self.database_url is None:
+            if self.supabase_service_role_key is not None and self.supabase_url is None:
+                raise ValueError(
+                    "SUPABASE_SERVICE_ROLE_KEY is set but SUPABASE_URL is not: the REST mode needs both"
+                )
+            if self.supabase_url is not None and self.supabase_service_role_key is None:
+                raise ValueError(
+                    "SUPABASE_URL is set but neither SUPABASE_SERVICE_ROLE_KEY (REST mode) nor "
+                    "DATABASE_URL (direct mode) is"
+                )
         return self
 
     @model_validator(mode="after")
     def refuse_placeholder_secrets(self) -> Self:
         if self.app_env is Environment.PRODUCTION:
-            if self.database_url is None:
-                raise ValueError("DATABASE_URL is required when APP_ENV=production")
+            if self.store_mode is StoreMode.EMBEDDED:
+                raise ValueError(
+                    "DATABASE_URL, or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY, is required when "
+                    "APP_ENV=production"
+                )
             secret = self.supabase_jwt_secret.get_secret_value() if self.supabase_jwt_secret else None
             if secret is not None and (secret in PLACEHOLDER_SECRETS or len(secret) < 32):
                 raise ValueError("SUPABASE_JWT_SECRET is a placeholder or shorter than 32 characters")
@@ -173,6 +231,15 @@ class Settings(BaseSettings):
     @property
     def is_local(self) -> bool:
         return self.app_env is Environment.LOCAL
+
+    @property
+    def store_mode(self) -> StoreMode:
+        """DATABASE_URL wins; else the URL and the service-role key; else the embedded database."""
+        if self.database_url is not None:
+            return StoreMode.POSTGRES
+        if self.supabase_url is not None and self.supabase_service_role_key is not None:
+            return StoreMode.SUPABASE_REST
+        return StoreMode.EMBEDDED
 
     @property
     def jwks_url(self) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import AccessCache, TokenVerifier
 from app.background import collection_manager, collection_startup_recovery
-from app.config import Settings, get_settings
+from app.config import Settings, StoreMode, get_settings
 from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
@@ -26,7 +27,7 @@ from app.routers import admin as admin_router
 from app.routers import collection as collection_router
 from app.routers import health as health_router
 from app.services.collection import CollectionService
-from app.store import PostgresStore
+from app.store import PostgresStore, Store
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +56,50 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route with this path; list them all.
+        headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path))
     return JSONResponse(
         {"detail": exc.detail, "error": HTTP_ERROR_CODES.get(exc.status_code, "http_error")},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    table: list[tuple[re.Pattern[str], list[str]]] | None = getattr(app.state, "allowed_methods", None)
+    if table is None:
+        table = [
+            (
+                re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"),
+                sorted(m.upper() for m in ops),
+            )
+            for template, ops in app.openapi()["paths"].items()
+        ]
+        app.state.allowed_methods = table
+    return next((methods for pattern, methods in table if pattern.match(path)), [])
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "Internal server error", "error": "internal_error"}, status_code=500)
+
+
+async def open_store(settings: Settings) -> Store:
+    """The store for the configured mode: asyncpg with DATABASE_URL, else Supabase's REST API."""
+    versions = [m.version for m in migrations(settings.supabase_dir)]
+    if settings.store_mode is StoreMode.SUPABASE_REST:
+        # Imported here: supabase-py takes most of a second to import, which the direct mode never needs.
+        from app.store_rest import SupabaseRestStore
+
+        logger.info("store: Supabase REST API at %s (supabase-py, service-role key)", settings.supabase_url)
+        return await SupabaseRestStore.connect(settings, versions)
+    logger.info(
+        "store: Postgres through asyncpg (%s)",
+        "transaction pooler" if settings.uses_transaction_pooler else "direct connection",
+    )
+    return PostgresStore(await create_pool(settings), settings.db_acquire_timeout_s, versions)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,10 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         http_client = httpx.AsyncClient()
-        pool = await create_pool(settings)
-        store = PostgresStore(
-            pool, settings.db_acquire_timeout_s, [m.version for m in migrations(settings.supabase_dir)]
-        )
+        store = await open_store(settings)
         provider = make_provider(settings)
         service = CollectionService(store, settings.pricing, provider.name)
         if provider.name == "sandbox":

@@ -12,11 +12,11 @@ from uuid import UUID
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     computed_field,
-    field_validator,
 )
 
 MAX_CATEGORIES = 100
@@ -37,9 +37,13 @@ def _not_blank(value: str) -> str:
     return value
 
 
+# The pattern states in the schema what the validators enforce: no control characters, not blank.
+PRINTABLE = r"[^\x00-\x1f\x7f-\x9f]"
 CategoryId = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=64),
+    StringConstraints(
+        min_length=1, max_length=64, pattern=rf"^{PRINTABLE}*[^\s\x00-\x1f\x7f-\x9f]{PRINTABLE}*$"
+    ),
     AfterValidator(_no_control_characters),
     AfterValidator(_not_blank),
 ]
@@ -50,7 +54,11 @@ def _blank_or_printable(value: str) -> str:
     return value if not value.strip() else _no_control_characters(value)
 
 
-RunName = Annotated[str, StringConstraints(max_length=200), AfterValidator(_blank_or_printable)]
+RunName = Annotated[
+    str,
+    StringConstraints(max_length=200, pattern=rf"^(\s*|{PRINTABLE}*)$"),
+    AfterValidator(_blank_or_printable),
+]
 
 
 def _distinct(ids: list[str]) -> list[str]:
@@ -62,9 +70,28 @@ def _distinct(ids: list[str]) -> list[str]:
 
 CategoryIds = Annotated[
     list[CategoryId],
-    Field(min_length=1, max_length=MAX_CATEGORIES, examples=[["electronics", "home-garden"]]),
+    Field(
+        min_length=1,
+        max_length=MAX_CATEGORIES,
+        examples=[["electronics", "home-garden"]],
+        json_schema_extra={"uniqueItems": True},
+    ),
     AfterValidator(_distinct),
 ]
+
+
+def _whole_number(value: object) -> object:
+    # JSON Schema's integer: 85 and 85.0 are integers; "85", true and 85.5 are not.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class CollectionRunStatus(StrEnum):
@@ -97,18 +124,13 @@ class CollectionSettingsResponse(BaseModel):
 
 
 class CollectionSettingsUpdate(StrictModel):
-    """Fields left out stay as they are; an explicit null is a wrong type, not "no change"."""
+    """Fields left out stay as they are. null is not "no change": it is a wrong type (422), and the
+    schema says so (the fields are integers, not nullable)."""
 
-    budget_cap_cents: Annotated[int, Field(strict=True, ge=0, le=MAX_BUDGET_CENTS)] | None = None
-    soft_warning_percent: Annotated[int, Field(strict=True, ge=0, le=100)] | None = None
-    max_concurrent_runs: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = None
-
-    @field_validator("budget_cap_cents", "soft_warning_percent", "max_concurrent_runs", mode="before")
-    @classmethod
-    def refuse_null(cls, value: object) -> object:
-        if value is None:
-            raise ValueError("must be an integer, not null")
-        return value
+    # The None defaults only mark "left out" (exclude_unset drops them); a sent null fails as an int.
+    budget_cap_cents: WholeNumber = Field(default=None, ge=0, le=MAX_BUDGET_CENTS)  # type: ignore[assignment]
+    soft_warning_percent: WholeNumber = Field(default=None, ge=0, le=100)  # type: ignore[assignment]
+    max_concurrent_runs: WholeNumber = Field(default=None, ge=1, le=1000)  # type: ignore[assignment]
 
 
 class EstimateRequest(StrictModel):

@@ -14,6 +14,7 @@ from app.models import (
     CollectionRunCreate,
     CollectionRunListResponse,
     CollectionRunResponse,
+    CollectionRunStatus,
     CollectionSettingsResponse,
     CollectionSettingsUpdate,
     CostEstimate,
@@ -29,7 +30,8 @@ from app.models import (
 from app.services.collection import CollectionService
 
 
-def get_service(request: Request) -> CollectionService:
+async def get_service(request: Request) -> CollectionService:
+    # async: FastAPI runs a plain `def` dependency in the thread pool, a thread hand-off per request.
     service: CollectionService = request.app.state.service
     return service
 
@@ -38,10 +40,15 @@ Admin = Annotated[CurrentUser, Depends(require_permission_key("admin.automation"
 Service = Annotated[CollectionService, Depends(get_service)]
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Malformed request, or X-Org-Id needed to choose an organisation",
+    },
     401: {"model": ErrorResponse, "description": "Missing, invalid or expired bearer token"},
     403: {"model": ErrorResponse, "description": "No `admin.automation` permission in the organisation"},
     503: {"model": ErrorResponse, "description": "Database unavailable; retry after `Retry-After`"},
 }
+ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 RUN_NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such run in the caller's organisation"}
 }
@@ -93,9 +100,10 @@ async def list_runs(
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    status: CollectionRunStatus | None = None,
 ) -> CollectionRunListResponse:
-    """The organisation's runs, newest first."""
-    return await service.list_runs(user.org_id, limit, offset)
+    """The organisation's runs, newest first, optionally only those in one status."""
+    return await service.list_runs(user.org_id, limit, offset, status)
 
 
 @router.get("/runs/{run_id}", response_model=CollectionRunResponse, responses=RUN_NOT_FOUND)
@@ -168,7 +176,14 @@ async def existing_run_id(run_id: str, user: Admin, service: Service) -> UUID:
     "/runs/{run_id}/events",
     response_class=EventSourceResponse,
     responses={
-        **RUN_NOT_FOUND,
+        # Errors come before the stream opens, as JSON like every other endpoint's.
+        **{
+            code: {
+                "description": spec["description"],
+                "content": {"application/json": {"schema": ERROR_SCHEMA}},
+            }
+            for code, spec in {**AUTH_RESPONSES, **RUN_NOT_FOUND}.items()
+        },
         200: {"description": "`progress` and `transition` events until the run ends"},
     },
 )

@@ -135,8 +135,11 @@ class CollectionService:
             raise RunNotFound()
         return CollectionRunResponse.model_validate(row)
 
-    async def list_runs(self, org_id: UUID, limit: int, offset: int) -> CollectionRunListResponse:
-        rows, total = await self.store.list_runs(org_id, limit, offset)
+    async def list_runs(
+        self, org_id: UUID, limit: int, offset: int, status: CollectionRunStatus | None = None
+    ) -> CollectionRunListResponse:
+        """A page of the org's runs, newest first; `total` counts the runs matching `status`."""
+        rows, total = await self.store.list_runs(org_id, limit, offset, status.value if status else None)
         return CollectionRunListResponse(
             runs=[CollectionRunResponse.model_validate(row) for row in rows], total=total
         )
