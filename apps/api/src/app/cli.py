@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import jwt
@@ -69,15 +70,29 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         logger.info("local mode: embedded Postgres at 127.0.0.1:%d, local HS256 tokens", pg.port)
     # The lifespan logs the store it opens: DATABASE_URL (direct or pooler) or the Supabase REST API.
     try:
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            log_config=None,  # keep our handlers: one format, request ids, no tokens
-            access_log=False,  # our middleware writes structured access lines instead
-            proxy_headers=True,
-        )
+        app = create_app(settings)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                # Before uvicorn waits for open connections: end the event streams, which would
+                # otherwise keep it (and the executor, stopped only by the lifespan) going.
+                stopping: asyncio.Event | None = getattr(app.state, "stopping", None)
+                if stopping is not None:
+                    stopping.set()
+                super().handle_exit(sig, frame)
+
+        Server(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level.lower(),
+                log_config=None,  # keep our handlers: one format, request ids, no tokens
+                access_log=False,  # our middleware writes structured access lines instead
+                proxy_headers=True,
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+            )
+        ).run()
     finally:
         if pg is not None and pg.started_here:
             pg.stop()

@@ -408,12 +408,23 @@ class CollectionManager:
         self._stopped.set()
         if self._loop_task is not None:
             await self._loop_task
-        tasks = []
-        for executor, task in list(self.executors.values()):
+        running = list(self.executors.items())
+        for executor, _ in self.executors.values():
             executor.stop("shutdown")
-            tasks.append(task)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not running:
+            return
+        grace = self.settings.shutdown_grace_s
+        _, pending = await asyncio.wait([task for _, (_, task) in running], timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for run_id, (_, task) in running:
+            if task not in pending:
+                continue
+            # Its calls were abandoned mid-flight: give the run back now rather than after the lease
+            # expires; what they had reserved becomes an uncertain charge (release_run).
+            logger.warning("run %s: calls still in flight after %.1fs; run given back", run_id, grace)
+            try:
+                await self.store.release_run(run_id, self.token)
+            except CollectionError as exc:
+                logger.warning("run %s: could not give it back: %s", run_id, exc.message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         else:
             logger.info("provider: Oxylabs (%s)", settings.oxylabs_base_url)
+        app.state.stopping = asyncio.Event()  # set when the server is asked to stop
         app.state.settings = settings
         app.state.store = store
         app.state.service = service
@@ -131,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.stopping.set()
             if manager is not None:
                 await manager.stop()
             await provider.aclose()

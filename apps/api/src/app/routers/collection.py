@@ -188,9 +188,9 @@ async def existing_run_id(run_id: str, user: Admin, service: Service) -> UUID:
     },
 )
 async def run_events(
-    run_id: Annotated[UUID, Depends(existing_run_id)], user: Admin, service: Service
+    run_id: Annotated[UUID, Depends(existing_run_id)], user: Admin, service: Service, request: Request
 ) -> AsyncIterator[ServerSentEvent]:
     """Live progress of a run (Server-Sent Events): snapshots and every transition, until it ends."""
-    async for update in service.watch_run(user.org_id, run_id):
+    async for update in service.watch_run(user.org_id, run_id, stop=request.app.state.stopping):
         kind = "progress" if isinstance(update, RunProgress) else "transition"
         yield ServerSentEvent(event=kind, data=update)

@@ -198,10 +198,11 @@ class CollectionService:
         return SellerListResponse(sellers=[SellerResponse.model_validate(r) for r in rows], total=total)
 
     async def watch_run(
-        self, org_id: UUID, run_id: UUID, poll_s: float = 0.25
+        self, org_id: UUID, run_id: UUID, poll_s: float = 0.25, stop: asyncio.Event | None = None
     ) -> AsyncIterator[RunProgress | RunTransitionEvent]:
         """Every transition, and a progress snapshot whenever it changed (at most 1/poll_s a second),
-        until the run ends."""
+        until the run ends or `stop` is set (the server is shutting down; clients reconnect)."""
+        stop = stop or asyncio.Event()
         last_event_id = 0
         last_progress: RunProgress | None = None
         while True:
@@ -218,7 +219,11 @@ class CollectionService:
                 last_progress = progress
             if progress.status in TERMINAL_STATUSES:
                 return
-            await asyncio.sleep(poll_s)
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+                return
+            except TimeoutError:
+                pass
 
     # Recovery ------------------------------------------------------------------------------------
     async def get_incomplete_runs(self, limit: int = 50) -> IncompleteRuns:
