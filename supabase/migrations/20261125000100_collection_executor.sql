@@ -651,39 +651,7 @@ grant select on public.collection_run_categories, public.collection_run_items, p
 grant all on public.collection_run_categories, public.collection_run_items, public.collection_sellers,
   public.collection_category_stats to service_role;
 
-revoke execute on function
-  public.collection_create_run(uuid, uuid, text, text[], bigint, integer, text),
-  public.collection_estimate_inputs(uuid, text[]),
-  public.collection_claim_runs(text, uuid, integer, integer),
-  public.collection_heartbeat(uuid, integer),
-  public.collection_release_run(uuid, uuid),
-  public.collection_fenced_run(uuid, uuid),
-  public.collection_reserve(uuid, uuid, bigint),
-  public.collection_release_reservation(uuid, uuid, bigint),
-  public.collection_record_discovery(uuid, uuid, integer, jsonb, bigint, bigint, text, integer),
-  public.collection_record_item(uuid, uuid, text, text, text, integer, bigint, bigint, jsonb, text, jsonb, text),
-  public.collection_finish_run(uuid, uuid, text, text),
-  public.collection_run_categories_of(uuid),
-  public.collection_pending_items(uuid, text),
-  public.collection_list_items(uuid, uuid, text, integer, integer),
-  public.collection_list_sellers(uuid, integer, integer),
-  public.collection_run_events_since(uuid, uuid, bigint)
-from public, anon, authenticated;
-grant execute on function
-  public.collection_create_run(uuid, uuid, text, text[], bigint, integer, text),
-  public.collection_estimate_inputs(uuid, text[]),
-  public.collection_claim_runs(text, uuid, integer, integer),
-  public.collection_heartbeat(uuid, integer),
-  public.collection_release_run(uuid, uuid),
-  public.collection_fenced_run(uuid, uuid),
-  public.collection_reserve(uuid, uuid, bigint),
-  public.collection_release_reservation(uuid, uuid, bigint),
-  public.collection_record_discovery(uuid, uuid, integer, jsonb, bigint, bigint, text, integer),
-  public.collection_record_item(uuid, uuid, text, text, text, integer, bigint, bigint, jsonb, text, jsonb, text),
-  public.collection_finish_run(uuid, uuid, text, text),
-  public.collection_run_categories_of(uuid),
-  public.collection_pending_items(uuid, text),
-  public.collection_list_items(uuid, uuid, text, integer, integer),
-  public.collection_list_sellers(uuid, integer, integer),
-  public.collection_run_events_since(uuid, uuid, bigint)
-to service_role;
+-- Every function in public is ours and only for this service: none for anon or authenticated (Supabase's
+-- default privileges would grant them), all for service_role. Later migrations repeat this line.
+revoke execute on all functions in schema public from public, anon, authenticated;
+grant execute on all functions in schema public to service_role;
