@@ -109,6 +109,11 @@ class TestMixedLoad:
         assert set(outcomes) <= {"200", "201", "400", "429"}, outcomes
         assert outcomes["201"] > 0 and outcomes["429"] > 0 and outcomes["200"] > 100, outcomes
 
+        # The executor is still working: read everything from one snapshot.
+        async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            await self.check_invariants(conn)
+
+    async def check_invariants(self, db: asyncpg.Connection) -> None:
         transitions = {
             (r["from_status"], r["to_status"])
             for r in await db.fetch("select from_status, to_status from collection_run_transitions")
