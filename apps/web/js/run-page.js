@@ -91,11 +91,16 @@ export function renderRunPage(view, runId) {
       metaRow("Started", when(run.started_at)),
       run.paused_at ? metaRow("Paused", when(run.paused_at)) : null,
       metaRow("Finished", when(run.completed_at)),
-      run.status === "completed" && run.estimate_error_cents !== null && run.estimate_error_cents !== undefined
-        ? metaRow("Actual − estimate", dollars(run.estimate_error_cents))
+      run.status === "completed" && typeof run.estimate_error_cents === "number"
+        ? metaRow("Against the estimate", estimateError(run.estimate_error_cents))
         : null,
     );
     showProgress(run);
+  }
+
+  function estimateError(cents) {
+    if (cents === 0) return "exactly as estimated";
+    return `${dollars(Math.abs(cents))} ${cents < 0 ? "under" : "over"} (estimated ${dollars(run.estimated_cost_cents)})`;
   }
 
   function metaRow(label, value) {
@@ -129,6 +134,7 @@ export function renderRunPage(view, runId) {
   async function refreshRun() {
     try {
       showRun(await api.getRun(runId, { signal }));
+      fill(pageError);
     } catch (error) {
       if (error.name !== "AbortError") fill(pageError, `Cannot load the run: ${error.message}`);
     }
@@ -173,7 +179,7 @@ export function renderRunPage(view, runId) {
       h(
         "table",
         { class: "table table--compact", id: "items-table" },
-        h("thead", {}, h("tr", {}, ["Category", "#", "ASIN", "Product", "Status", "Attempts", "Cost", "Error"].map((t) => h("th", { scope: "col" }, t)))),
+        h("thead", {}, h("tr", {}, ["Category", "Rank", "ASIN", "Product", "Status", "Attempts", "Cost", "Error"].map((t) => h("th", { scope: "col" }, t)))),
         h(
           "tbody",
           {},
@@ -182,7 +188,7 @@ export function renderRunPage(view, runId) {
               "tr",
               { dataset: { status: item.status, asin: item.asin }, class: item.status === "failed" ? "row--failed" : null },
               h("td", { class: "mono" }, item.category_id),
-              h("td", { class: "num" }, item.position + 1),
+              h("td", { class: "num" }, item.position),
               h("td", { class: "mono" }, item.asin),
               h("td", {}, item.result && item.result.title ? item.result.title : "—"),
               h("td", {}, h("span", { class: `badge badge--item-${item.status}` }, item.status)),

@@ -133,7 +133,14 @@ export function renderRuns(view, params) {
           ),
         ),
       ),
-      pager({ offset, limit: PAGE_SIZE, total: page.total, go: (next) => go({ status, offset: next }), label: "Runs pages" }),
+      pager({
+        offset,
+        limit: PAGE_SIZE,
+        total: page.total,
+        estimated: Boolean(page.total_estimated),
+        go: (next) => go({ status, offset: next }),
+        label: "Runs pages",
+      }),
     ];
   }
 

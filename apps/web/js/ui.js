@@ -134,11 +134,17 @@ export function budgetBar({ amount, cap, threshold, label }) {
   );
 }
 
-/** Show a message in the page's flash area; kind: "error" | "ok" | "info". */
+let flashTimer = null;
+const FLASH_MS = 8000;
+
+/** Show a message in the page's flash area; kind: "error" | "ok" | "info". Errors stay; others fade. */
 export function flash(text, kind = "info") {
   const area = document.getElementById("flash");
+  clearTimeout(flashTimer);
   if (!text) return fill(area);
-  return fill(area, h("p", { class: `flash flash--${kind}`, role: kind === "error" ? "alert" : "status" }, text));
+  const message = h("p", { class: `flash flash--${kind}`, role: kind === "error" ? "alert" : "status" }, text);
+  if (kind !== "error") flashTimer = setTimeout(() => message.remove(), FLASH_MS);
+  return fill(area, message);
 }
 
 let carried = null;
@@ -163,15 +169,17 @@ export function debounce(fn, ms) {
   };
 }
 
-/** A pager: "1–20 of 45" with previous/next buttons calling go(newOffset). */
-export function pager({ offset, limit, total, go, label = "Pages" }) {
+/** A pager: "1–20 of 45" (or "of about 120,000" when the API estimated the total) with previous/next
+ * buttons calling go(newOffset). */
+export function pager({ offset, limit, total, go, label = "Pages", estimated = false }) {
   const first = total ? offset + 1 : 0;
   const last = Math.min(offset + limit, total);
+  const of = estimated ? `about ${total.toLocaleString("en-US")}` : String(total);
   return h(
     "nav",
     { class: "pager", "aria-label": label },
     h("button", { type: "button", class: "btn btn--small", disabled: offset <= 0, onclick: () => go(Math.max(0, offset - limit)) }, "← Previous"),
-    h("span", { class: "pager__info" }, `${first}–${last} of ${total}`),
+    h("span", { class: "pager__info" }, `${first}–${last} of ${of}`),
     h("button", { type: "button", class: "btn btn--small", disabled: offset + limit >= total, onclick: () => go(offset + limit) }, "Next →"),
   );
 }

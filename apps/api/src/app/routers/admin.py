@@ -2,7 +2,8 @@
 
 Same origin, so the console calls the public `/collection` endpoints with no CORS, and a newcomer's
 `make run` serves it with no build step. The console's files hold all its scripts and styles (nothing
-inline), so its pages are sent with a strict Content-Security-Policy.
+inline), so its pages can be held to a strict Content-Security-Policy, which the request middleware
+(observability.py) adds to every /admin response with the other security headers.
 """
 
 from __future__ import annotations
@@ -21,20 +22,10 @@ logger = logging.getLogger(__name__)
 
 WEB_DIR = REPO_ROOT / "apps" / "web"
 
-CONSOLE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    # The files change with the code, not with time: always revalidate (ETag makes that cheap).
-    "Cache-Control": "no-cache",
-}
-
 
 class ConsoleFiles(StaticFiles):
-    """apps/web with the console's security headers on every file."""
+    """apps/web, revalidated on every load (cheap with the ETag), so a browser never mixes the modules
+    of two versions of the console."""
 
     def file_response(
         self,
@@ -44,7 +35,7 @@ class ConsoleFiles(StaticFiles):
         status_code: int = 200,
     ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
-        response.headers.update(CONSOLE_HEADERS)
+        response.headers["Cache-Control"] = "no-cache"
         return response
 
 
