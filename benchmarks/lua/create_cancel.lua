@@ -16,7 +16,7 @@ end
 
 function response(status, headers, body)
   if status == 201 then
-    local id = string.match(body, '"id":"([%x%-]+)"')
+    local id = string.match(body, '"id":%s*"([%x%-]+)"')
     if id then
       table.insert(to_cancel, id)
     end

@@ -5,6 +5,13 @@ Fixtures most tests need:
 - ``world``: makes orgs, users, memberships and signed tokens (``await world.admin("acme")``).
 - ``client``: an httpx.AsyncClient on a fresh app (lifespan run) wired to the test database.
 - ``db``: an asyncpg pool as the database owner, to assert on what the database now holds.
+
+Two stores: the API contract suite (STORE_MODE_MODULES) runs once with the Postgres store (asyncpg) and
+once with the Supabase REST store (supabase-py through tests/postgrest_bridge.py, a loopback PostgREST on
+the same database), as test ids ``[postgres]`` and ``[rest]``; ``--store-modes=postgres`` runs one. In
+the REST runs ``make_settings(migrated_dsn, ...)`` (and so ``settings``, ``app``, ``client``) configures
+SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY instead of DATABASE_URL; ``db`` still reaches the database
+directly, so assertions on what it holds read the same rows either way.
 """
 
 from __future__ import annotations
@@ -28,9 +35,45 @@ from app.config import REPO_ROOT, Settings
 from app.embedded import EmbeddedPostgres
 from app.main import create_app
 from app.migrate import apply_migrations
+from postgrest_bridge import PostgrestBridge, serve_postgrest_bridge
 
 JWT_SECRET = "test-secret-" + "x" * 40
 JWT_ISSUER = "https://test-project.supabase.co/auth/v1"
+# The project's legacy service_role key: a JWT signed with the project's JWT secret, as Supabase issues it.
+SERVICE_ROLE_KEY = jwt.encode(
+    {"role": "service_role", "iss": "supabase", "iat": 1_700_000_000, "exp": 2_000_000_000},
+    JWT_SECRET,
+    algorithm="HS256",
+)
+
+# The modules of the API contract, run against both stores so the two can never drift apart.
+STORE_MODE_MODULES = frozenset(
+    {
+        "test_settings",
+        "test_estimate",
+        "test_runs",
+        "test_runs_cursor",
+        "test_transitions",
+        "test_isolation",
+        "test_executor",
+    }
+)
+STORE_MODES = ("postgres", "rest")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-modes",
+        default=",".join(STORE_MODES),
+        help="stores the API contract suite runs against: postgres, rest or both (default)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rpartition(".")[2] in STORE_MODE_MODULES:
+        modes = [m.strip() for m in metafunc.config.getoption("store_modes").split(",") if m.strip()]
+        assert set(modes) <= set(STORE_MODES), modes
+        metafunc.parametrize("store_mode", modes, indirect=True)
 
 
 def free_port() -> int:
@@ -70,7 +113,34 @@ async def clean_tables(db: asyncpg.Pool) -> None:
     await db.execute("truncate auth.users, public.organizations restart identity cascade")
 
 
+@pytest.fixture(scope="session")
+def postgrest_bridge(migrated_dsn: str) -> Iterator[PostgrestBridge]:
+    with serve_postgrest_bridge(migrated_dsn, JWT_SECRET, SERVICE_ROLE_KEY) as bridge:
+        yield bridge
+
+
+# The bridge the running test reaches its database through (REST runs only); read by make_settings.
+_rest_bridge: list[PostgrestBridge] = []
+
+
+@pytest.fixture(autouse=True)
+def store_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """'postgres' or 'rest': the store this test's apps use (parametrised for STORE_MODE_MODULES)."""
+    mode: str = getattr(request, "param", "postgres")
+    if mode != "rest":
+        yield mode
+        return
+    bridge: PostgrestBridge = request.getfixturevalue("postgrest_bridge")
+    bridge.reset()
+    _rest_bridge.append(bridge)
+    try:
+        yield mode
+    finally:
+        _rest_bridge.remove(bridge)
+
+
 def make_settings(dsn: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an app on `dsn`; in a REST run, on the test database through the bridge."""
     values: dict[str, Any] = {
         "database_url": SecretStr(dsn),
         "supabase_jwt_secret": SecretStr(JWT_SECRET),
@@ -82,12 +152,16 @@ def make_settings(dsn: str, tmp_path: Path, **overrides: Any) -> Settings:
         # The executor runs only in the tests about it, so contract tests see runs stay as they left them.
         "executor_enabled": False,
     }
+    if _rest_bridge and dsn == _rest_bridge[-1].dsn:
+        del values["database_url"]
+        values["supabase_url"] = _rest_bridge[-1].url
+        values["supabase_service_role_key"] = SecretStr(SERVICE_ROLE_KEY)
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture
-def settings(migrated_dsn: str, tmp_path: Path) -> Settings:
+def settings(migrated_dsn: str, tmp_path: Path, store_mode: str) -> Settings:
     return make_settings(migrated_dsn, tmp_path)
 
 

@@ -474,7 +474,7 @@ class TestListRuns:
         response = await client.get("/collection/runs", headers=admin.headers)
 
         assert response.status_code == 200, response.text
-        assert response.json() == {"runs": [], "total": 0}
+        assert response.json() == {"runs": [], "total": 0, "total_estimated": False, "next_cursor": None}
 
     async def test_only_the_callers_org(self, client: httpx.AsyncClient, world: World, db) -> None:
         acme = await world.admin("acme")
@@ -559,7 +559,7 @@ class TestListRuns:
         response = await client.get("/collection/runs", params={"offset": offset}, headers=admin.headers)
 
         assert response.status_code == 200, response.text
-        assert response.json() == {"runs": [], "total": 2}
+        assert response.json() == {"runs": [], "total": 2, "total_estimated": False, "next_cursor": None}
 
 
 class TestListRunsByStatus:
@@ -594,7 +594,7 @@ class TestListRunsByStatus:
         response = await client.get("/collection/runs", params={"status": "running"}, headers=admin.headers)
 
         assert response.status_code == 200, response.text
-        assert response.json() == {"runs": [], "total": 0}
+        assert response.json() == {"runs": [], "total": 0, "total_estimated": False, "next_cursor": None}
 
     async def test_only_the_callers_org(self, client: httpx.AsyncClient, world: World) -> None:
         acme = await world.admin("acme")

@@ -30,6 +30,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset on release: nothing to undo. asyncpg's default sends `SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL` after every use, a second round trip per request; our calls are
+    single statements of SQL functions that set only transaction-local settings, take no session
+    locks, open no cursors and never LISTEN. (asyncpg still rolls back a transaction left open.)"""
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     if settings.database_url is None:
         raise RuntimeError(
@@ -51,6 +58,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         statement_cache_size=settings.statement_cache_size,
         server_settings=server_settings,
         init=_init_connection,
+        reset=_keep_session,
     )
 
 

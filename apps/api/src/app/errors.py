@@ -97,6 +97,14 @@ class OrganisationRequired(CollectionError):
     error = "organisation_required"
 
 
+class InvalidCursor(CollectionError):
+    status_code = 400
+    error = "invalid_cursor"
+
+    def __init__(self) -> None:
+        super().__init__("Invalid cursor: pass back a next_cursor exactly as a list returned it")
+
+
 class DatabaseUnavailable(CollectionError):
     status_code = 503
     error = "database_unavailable"

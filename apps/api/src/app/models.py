@@ -196,7 +196,14 @@ class CollectionRunResponse(BaseModel):
 
 class CollectionRunListResponse(BaseModel):
     runs: list[CollectionRunResponse]
-    total: int
+    total: int = Field(
+        description="Runs matching the filter: exact up to 10,000, above that the database's estimate"
+    )
+    total_estimated: bool = Field(default=False, description="`total` is an estimate (above 10,000)")
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass as `cursor` for the next page (as fast at any depth); null on a last page",
+    )
 
 
 class RunTransitionResponse(BaseModel):

@@ -224,3 +224,5 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs each request at INFO: in the Supabase REST mode that is every data operation.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))

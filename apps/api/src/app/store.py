@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -57,9 +58,16 @@ class Store(Protocol):
         provider: str,
     ) -> Row: ...
     async def get_run(self, org_id: UUID, run_id: UUID) -> Row | None: ...
+    # A page (after the run `after` = (created_at, id) names, else at `offset`), the total, and
+    # whether the total is an estimate.
     async def list_runs(
-        self, org_id: UUID, limit: int, offset: int, status: str | None = None
-    ) -> tuple[list[Row], int]: ...
+        self,
+        org_id: UUID,
+        limit: int,
+        offset: int,
+        status: str | None = None,
+        after: tuple[datetime, UUID] | None = None,
+    ) -> tuple[list[Row], int, bool]: ...
     async def transition_run(
         self, org_id: UUID, run_id: UUID, action: str, actor: UUID | None, reason: str | None
     ) -> Row: ...
@@ -227,13 +235,28 @@ class PostgresStore:
         return None if row is None else dict(row)
 
     async def list_runs(
-        self, org_id: UUID, limit: int, offset: int, status: str | None = None
-    ) -> tuple[list[Row], int]:
+        self,
+        org_id: UUID,
+        limit: int,
+        offset: int,
+        status: str | None = None,
+        after: tuple[datetime, UUID] | None = None,
+    ) -> tuple[list[Row], int, bool]:
         async with self._connection() as conn:
-            page = await conn.fetchval(
-                "select public.collection_list_runs($1, $2, $3, $4)", org_id, limit, offset, status
-            )
-        return page["runs"], page["total"]
+            if after is None:
+                page = await conn.fetchval(
+                    "select public.collection_list_runs($1, $2, $3, $4)", org_id, limit, offset, status
+                )
+            else:
+                page = await conn.fetchval(
+                    "select public.collection_list_runs_after($1, $2, $3, $4, $5)",
+                    org_id,
+                    limit,
+                    after[0],
+                    after[1],
+                    status,
+                )
+        return page["runs"], page["total"], page.get("total_estimated", False)
 
     async def transition_run(
         self, org_id: UUID, run_id: UUID, action: str, actor: UUID | None, reason: str | None

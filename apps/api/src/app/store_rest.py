@@ -3,8 +3,8 @@
 For projects that hold only a URL and the service-role key. Every operation is one `rpc` call of the
 same SQL function `PostgresStore` calls, with named arguments: PostgREST runs each call in one
 transaction, so budget, concurrency, transitions, leases and checkpoints keep their atomic semantics.
-Listing totals come from the list functions themselves (exact, per org or per run, counted in the same
-statement as the page), as in the direct mode; PostgREST's `Prefer: count=` is not used.
+Listing totals come from the list functions themselves, computed in the same call as the page, exactly
+as in the direct mode (same `total`, same `total_estimated`); PostgREST's `Prefer: count=` is not used.
 
 PostgREST answers an error as `{code, message, details, hint}`. Our functions' SQLSTATEs (CR001..CR005,
 23514) become the same domain errors as in the direct mode (`domain_error`); whatever means "the data
@@ -50,7 +50,7 @@ CREDENTIALS_REFUSED_CODES = frozenset({"401", "403", "PGRST300", "PGRST301", "PG
 # Columns that asyncpg hands back as UUID (and PostgREST as strings) in rows of runs, items, sellers,
 # events and access; timestamps are every column named *_at.
 UUID_COLUMNS = frozenset(
-    {"id", "org_id", "run_id", "created_by", "lease_token", "first_run_id", "last_run_id"}
+    {"id", "org_id", "run_id", "created_by", "actor", "lease_token", "first_run_id", "last_run_id"}
 )
 CONSTRAINT_NAME = re.compile(r'constraint "([^"]+)"')
 
@@ -79,8 +79,9 @@ def rest_error(error: APIError) -> CollectionError | None:
         return DatabaseUnavailable("The database did not answer in time; retry shortly")
     if code in UNAVAILABLE_CODES or (code[:2] in UNAVAILABLE_CLASSES and code != "53400"):
         return DatabaseUnavailable()
-    if code.isdigit() and int(code) >= 500:
-        # Not PostgREST's JSON: a gateway's or proxy's own error page (postgrest-py puts the status here).
+    if len(code) == 3 and code.isdigit() and code >= "500":
+        # Not PostgREST's JSON but a gateway's or proxy's own page: postgrest-py puts the HTTP status
+        # (three digits; a SQLSTATE has five) where the code goes.
         return DatabaseUnavailable()
     if code in SCHEMA_MISSING_CODES:
         logger.error("the REST API does not know a function of this service: %s %s", code, error.message)
@@ -241,13 +242,30 @@ class SupabaseRestStore:
         return rows[0] if rows else None
 
     async def list_runs(
-        self, org_id: UUID, limit: int, offset: int, status: str | None = None
-    ) -> tuple[list[Row], int]:
-        page = await self._rpc(
-            "collection_list_runs",
-            {"p_org_id": org_id, "p_limit": limit, "p_offset": offset, "p_status": status},
-        )
-        return page["runs"], page["total"]
+        self,
+        org_id: UUID,
+        limit: int,
+        offset: int,
+        status: str | None = None,
+        after: tuple[datetime, UUID] | None = None,
+    ) -> tuple[list[Row], int, bool]:
+        if after is None:
+            page = await self._rpc(
+                "collection_list_runs",
+                {"p_org_id": org_id, "p_limit": limit, "p_offset": offset, "p_status": status},
+            )
+        else:
+            page = await self._rpc(
+                "collection_list_runs_after",
+                {
+                    "p_org_id": org_id,
+                    "p_limit": limit,
+                    "p_after_created_at": after[0].isoformat(),
+                    "p_after_id": after[1],
+                    "p_status": status,
+                },
+            )
+        return page["runs"], page["total"], page.get("total_estimated", False)
 
     async def transition_run(
         self, org_id: UUID, run_id: UUID, action: str, actor: UUID | None, reason: str | None
@@ -312,11 +330,14 @@ class SupabaseRestStore:
         return page["sellers"], page["total"]
 
     async def run_events_since(self, org_id: UUID, run_id: UUID, after_id: int) -> list[Row]:
-        return await self._all_rows(
+        # One page, oldest first, not every page: the progress stream polls several times a second
+        # from the last id it saw, so a page cut at max-rows only moves the rest to its next poll.
+        rows = await self._rpc(
             "collection_run_events_since",
             {"p_org_id": org_id, "p_run_id": run_id, "p_after_id": after_id},
             "id",
         )
+        return [typed(row) for row in rows]
 
     # Volatile set-returning functions are called once, never paged: paging would run them again.
     # They return at most `limit` runs (claim) or the runs this process holds (heartbeat), which

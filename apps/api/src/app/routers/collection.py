@@ -94,16 +94,24 @@ async def create_run(request: CollectionRunCreate, user: Admin, service: Service
     return await service.create_run(user.org_id, user.user_id, request)
 
 
-@router.get("/runs", response_model=CollectionRunListResponse)
+@router.get(
+    "/runs",
+    response_model=CollectionRunListResponse,
+    responses={400: {"model": ErrorResponse, "description": "A `cursor` this API did not return"}},
+)
 async def list_runs(
     user: Admin,
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     status: CollectionRunStatus | None = None,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=200, description="`next_cursor` of the previous page; `offset` is ignored then"),
+    ] = None,
 ) -> CollectionRunListResponse:
     """The organisation's runs, newest first, optionally only those in one status."""
-    return await service.list_runs(user.org_id, limit, offset, status)
+    return await service.list_runs(user.org_id, limit, offset, status, cursor)
 
 
 @router.get("/runs/{run_id}", response_model=CollectionRunResponse, responses=RUN_NOT_FOUND)

@@ -4,6 +4,7 @@ the SQL functions behind the store; this layer prices, names and shapes."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from app.config import Pricing
-from app.errors import RunNotFound
+from app.errors import InvalidCursor, RunNotFound
 from app.models import (
     CollectionRunCreate,
     CollectionRunListResponse,
@@ -48,6 +49,24 @@ def parse_run_id(run_id: str | UUID) -> UUID:
         return UUID(run_id)
     except ValueError:
         raise RunNotFound() from None
+
+
+def encode_cursor(created_at: datetime, run_id: UUID) -> str:
+    """Where a page ended: opaque to clients (they pass it back), exact to the microsecond."""
+    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, _, run_id = raw.partition("|")
+        created_at = datetime.fromisoformat(stamp)
+        if created_at.tzinfo is None:
+            raise ValueError("a cursor's time has a zone")
+        return created_at, UUID(run_id)
+    except ValueError:  # base64, UTF-8, time and UUID errors alike
+        raise InvalidCursor() from None
 
 
 TERMINAL_STATUSES = frozenset(
@@ -136,12 +155,26 @@ class CollectionService:
         return CollectionRunResponse.model_validate(row)
 
     async def list_runs(
-        self, org_id: UUID, limit: int, offset: int, status: CollectionRunStatus | None = None
+        self,
+        org_id: UUID,
+        limit: int,
+        offset: int,
+        status: CollectionRunStatus | None = None,
+        cursor: str | None = None,
     ) -> CollectionRunListResponse:
-        """A page of the org's runs, newest first; `total` counts the runs matching `status`."""
-        rows, total = await self.store.list_runs(org_id, limit, offset, status.value if status else None)
+        """A page of the org's runs, newest first; `total` counts the runs matching `status`.
+        With a cursor, the page after the run it names (keyset: as fast at any depth)."""
+        after = decode_cursor(cursor) if cursor else None
+        rows, total, estimated = await self.store.list_runs(
+            org_id, limit, 0 if after else offset, status.value if status else None, after
+        )
+        runs = [CollectionRunResponse.model_validate(row) for row in rows]
+        last = runs[-1] if len(runs) == limit else None
         return CollectionRunListResponse(
-            runs=[CollectionRunResponse.model_validate(row) for row in rows], total=total
+            runs=runs,
+            total=total,
+            total_estimated=estimated,
+            next_cursor=encode_cursor(last.created_at, last.id) if last else None,
         )
 
     async def transition(
@@ -206,11 +239,13 @@ class CollectionService:
         last_event_id = 0
         last_progress: RunProgress | None = None
         while True:
+            # The run before its events: a status change and its event are written in one transaction,
+            # so a run read as finished has the transition that finished it among the events read next.
+            row = await self.store.get_run(org_id, run_id)
             for event in await self.store.run_events_since(org_id, run_id, last_event_id):
                 last_event_id = event["id"]
                 if event["from_status"] is not None:
                     yield RunTransitionEvent.model_validate(event)
-            row = await self.store.get_run(org_id, run_id)
             if row is None:
                 return
             progress = RunProgress.model_validate(row)

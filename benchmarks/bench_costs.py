@@ -1,0 +1,393 @@
+"""Part 3: what one request costs.
+
+- Database round trips per request of each endpoint, counted by pg_stat_statements on the bench's
+  private Postgres (deltas over N sequential requests; the executor's own background calls excluded).
+- Verifying a token (HS256, ES256) through the app's TokenVerifier: the full check, and a reuse.
+- The caller's permission: cold (the database) and warm (the access cache).
+- Where a request's CPU goes: GET /runs/{id} driven in-process through the ASGI app, one layer removed
+  at a time (CPU µs per request of this process, the best of 5 rounds).
+"""
+
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import asyncpg
+import httpx
+import jwt
+from fastapi import Depends, FastAPI, Request, Response
+from pydantic import SecretStr
+
+from common import load_average, log, table  # noqa: I001  (common puts apps/api/src on sys.path)
+from app.auth import CurrentUser
+from app.models import CollectionRunResponse
+
+ROUND_TRIP_REQUESTS = 100
+ANATOMY_ROUNDS = 10
+BACKGROUND = re.compile(r"pg_stat_statements|collection_heartbeat|collection_claim_runs|pg_catalog|pg_database")
+FUNCTION = re.compile(r"public\.(collection_\w+)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------------------------------
+async def statement_calls(conn: asyncpg.Connection) -> dict[str, int]:
+    rows = await conn.fetch(
+        "select query, calls from pg_stat_statements "
+        "where dbid = (select oid from pg_database where datname = current_database())"
+    )
+    calls: dict[str, int] = {}
+    for row in rows:
+        if BACKGROUND.search(row["query"]):
+            continue
+        match = FUNCTION.search(row["query"])
+        name = match.group(1) if match else row["query"].split("\n")[0][:60]
+        calls[name] = calls.get(name, 0) + row["calls"]
+    return calls
+
+
+async def round_trips(ctx: Any) -> list[dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {ctx.token}"}
+    conn = await asyncpg.connect(ctx.pg.dsn)
+    results = []
+    created: list[str] = []
+
+    async def create(client: httpx.AsyncClient) -> httpx.Response:
+        response = await client.post("/collection/runs", json={"category_ids": ["electronics", "home-garden"]})
+        created.append(response.json()["id"])
+        return response
+
+    async def cancel(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post(f"/collection/runs/{created.pop()}/cancel")
+
+    endpoints: list[tuple[str, Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]]] = [
+        ("GET /runs/{id}", lambda c: c.get(f"/collection/runs/{ctx.run_id}")),
+        ("GET /runs", lambda c: c.get("/collection/runs", params={"limit": 20})),
+        ("GET /runs?cursor=…", lambda c: c.get("/collection/runs", params={"limit": 20, "cursor": ctx.cursor})),
+        ("POST /estimate", lambda c: c.post("/collection/estimate", json={"category_ids": ["a", "b", "c"]})),
+        ("POST /runs", create),
+        ("POST /runs/{id}/cancel", cancel),
+        ("GET /settings", lambda c: c.get("/collection/settings")),
+    ]
+    try:
+        async with httpx.AsyncClient(base_url=ctx.api.url, headers=headers, timeout=30) as client:
+            for label, call in endpoints:
+                if label != "POST /runs/{id}/cancel":
+                    for _ in range(5):  # warm: connections open, statements prepared, caches filled
+                        response = await call(client)
+                        if label == "POST /runs":
+                            await cancel(client)
+                await conn.execute("select pg_stat_statements_reset()")
+                statuses = set()
+                for _ in range(ROUND_TRIP_REQUESTS):
+                    statuses.add((await call(client)).status_code)
+                calls = await statement_calls(conn)
+                per_request = {k: round(v / ROUND_TRIP_REQUESTS, 3) for k, v in sorted(calls.items())}
+                results.append(
+                    {
+                        "endpoint": label,
+                        "statuses": sorted(statuses),
+                        "round_trips_per_request": round(sum(per_request.values()), 2),
+                        "statements_per_request": per_request,
+                    }
+                )
+                log(f"  {label:24s} {sum(per_request.values()):.2f} round trips/request {per_request}")
+    finally:
+        await conn.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token verification and permission lookup
+# ---------------------------------------------------------------------------------------------------
+def best_us(samples: list[float]) -> float:
+    return round(min(samples) * 1e6, 2)
+
+
+async def timed(call: Callable[[], Awaitable[Any]], n: int, rounds: int = 5) -> float:
+    """Best of `rounds` of n sequential calls: µs per call (wall clock)."""
+    for _ in range(min(n, 200)):
+        await call()
+    per_call = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(n):
+            await call()
+        per_call.append((time.perf_counter() - started) / n)
+    return best_us(per_call)
+
+
+async def token_costs(ctx: Any) -> list[dict[str, Any]]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from app.auth import TokenVerifier
+    from app.config import Settings
+
+    now = int(time.time())
+    claims = {
+        "sub": str(ctx.bench.user_id),
+        "email": "bench@local.test",
+        "aud": "authenticated",
+        "role": "authenticated",
+        "iss": "https://bench.supabase.co/auth/v1",
+        "iat": now,
+        "exp": now + 3600,
+        "session_id": str(uuid.uuid4()),
+        "is_anonymous": False,
+        "app_metadata": {"provider": "email", "providers": ["email"]},
+        "user_metadata": {"email_verified": True},
+        "aal": "aal1",
+        "amr": [{"method": "password", "timestamp": now}],
+    }
+    secret = "bench-" + "s" * 40
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
+    jwk.update(kid="bench-es256", alg="ES256", use="sig")
+    jwks = {"keys": [jwk]}
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(200, json=jwks)))
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        supabase_jwt_secret=SecretStr(secret),
+        supabase_jwt_issuer=claims["iss"],
+        supabase_jwks_url="http://jwks.bench/.well-known/jwks.json",
+        auth_cache_s=5,
+    )
+    verifier = TokenVerifier(settings, client)
+    tokens = {
+        "HS256": jwt.encode(claims, secret, algorithm="HS256"),
+        "ES256": jwt.encode(claims, private, algorithm="ES256", headers={"kid": "bench-es256"}),
+    }
+    results = []
+    for algorithm, token in tokens.items():
+        full = await timed(lambda t=token: verifier._verify_signature(t), 2000)
+        reused = await timed(lambda t=token: verifier.verify(t), 20000)
+        results.append({"what": f"verify {algorithm} token (signature, claims)", "us": full})
+        results.append({"what": f"verify {algorithm} token again (reused for AUTH_CACHE_S)", "us": reused})
+    await client.aclose()
+    return results
+
+
+async def permission_costs(ctx: Any) -> list[dict[str, Any]]:
+    from app.auth import AccessCache
+    from app.config import Settings
+    from app.database import create_pool
+    from app.store import PostgresStore
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, database_url=SecretStr(ctx.pg.dsn), supabase_jwt_secret=SecretStr(ctx.secret)
+    )
+    store = PostgresStore(await create_pool(settings), 5.0, [])
+    user = ctx.bench.user_id
+    try:
+        cold = AccessCache(store, 0)
+        warm = AccessCache(store, 5)
+        return [
+            {"what": "permission lookup, cold (collection_user_access: 1 round trip)", "us": await timed(lambda: cold.get(user), 500)},
+            {"what": "permission lookup, warm (access cache hit)", "us": await timed(lambda: warm.get(user), 20000)},
+        ]
+    finally:
+        await store.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a request's CPU goes
+# ---------------------------------------------------------------------------------------------------
+def scope(path: str, token: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode()), (b"accept", b"*/*")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def cpu_per_request(app: Any, path: str, token: str, n: int = 1000, rounds: int = 5, warm: int = 50) -> float:
+    """CPU µs of this process per request through the ASGI app (no HTTP parsing, no sockets)."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    statuses: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def one() -> None:
+        await app(scope(path, token), receive, send)
+
+    for _ in range(warm):
+        await one()
+    assert set(statuses) == {200}, (path, set(statuses))
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        for _ in range(n):
+            await one()
+        best = min(best, (time.process_time() - started) / n)
+    return round(best * 1e6, 1)
+
+
+async def anatomy(ctx: Any) -> list[dict[str, Any]]:
+    from uuid import UUID
+
+    import app.routers.collection as collection_routes
+    from app.config import Settings
+    from app.main import create_app
+    from app.observability import RequestContextMiddleware, configure_logging
+
+    org, run_id, token = ctx.bench.org_id, str(ctx.run_id), ctx.token
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=SecretStr(ctx.pg.dsn),
+        supabase_jwt_secret=SecretStr(ctx.secret),
+        supabase_jwt_issuer="collection-api-local",
+        executor_enabled=False,
+    )
+    # The access log as served (INFO, logfmt), written where it costs nothing to the terminal.
+    configure_logging("INFO")
+    handler = logging.getLogger().handlers[0]
+    devnull = open(os.devnull, "w")  # noqa: SIM115
+    handler.setStream(devnull)  # type: ignore[attr-defined]
+    access = logging.getLogger("app.access")
+
+    # Routes that each drop one more layer, placed just before the real GET /runs/{run_id} in its
+    # router so that finding them costs the same.
+    constant = CurrentUser(ctx.bench.user_id, None, org, "bench", "admin", frozenset({"admin.automation"}))
+
+    async def fixed_user() -> CurrentUser:
+        return constant
+
+    async def fixed_user_route(
+        run_id: str, user: Annotated[CurrentUser, Depends(fixed_user)], service: collection_routes.Service
+    ) -> CollectionRunResponse:
+        return await service.get_run(user.org_id, run_id)
+
+    async def without_dependencies(run_id: str, request: Request) -> CollectionRunResponse:
+        return await request.app.state.service.get_run(org, run_id)  # type: ignore[no-any-return]
+
+    async def without_response_model(run_id: str, request: Request) -> Response:
+        run = await request.app.state.service.get_run(org, run_id)
+        return Response(run.model_dump_json(), media_type="application/json")
+
+    async def raw_sql(run_id: str, request: Request) -> Response:
+        row = await request.app.state.store._pool.fetchrow(
+            "select * from public.collection_get_run($1, $2)", org, UUID(run_id)
+        )
+        return Response(json.dumps(dict(row), default=str), media_type="application/json")
+
+    router = collection_routes.router
+    probes = [
+        ("/runs-probe/u/{run_id}", fixed_user_route, CollectionRunResponse),
+        ("/runs-probe/a/{run_id}", without_dependencies, CollectionRunResponse),
+        ("/runs-probe/b/{run_id}", without_response_model, None),
+        ("/runs-probe/c/{run_id}", raw_sql, None),
+    ]
+    for path, endpoint, model in probes:
+        router.add_api_route(path, endpoint, methods=["GET"], response_model=model)
+    added = router.routes[-len(probes) :]
+    del router.routes[-len(probes) :]
+    real = next(i for i, r in enumerate(router.routes) if getattr(r, "path", "") == "/collection/runs/{run_id}")
+    router.routes[real:real] = added
+
+    os.environ.update(BENCH_DSN=ctx.pg.dsn, BENCH_ORG_ID=str(org), BENCH_USER_ID=str(ctx.bench.user_id))
+    import importlib.util
+
+    from common import BENCH
+
+    spec = importlib.util.spec_from_file_location("bare_app", BENCH / "bare_app.py")
+    assert spec and spec.loader
+    bare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bare)
+    bare_app: FastAPI = bare.app
+
+    served = create_app(settings)
+    lean = create_app(settings)
+    lean.user_middleware = [m for m in lean.user_middleware if m.cls is not RequestContextMiddleware]
+    path = f"/collection/runs/{run_id}"
+    base = "/collection/runs-probe"
+    # (label, app, path, access log on)
+    plan: list[tuple[str, FastAPI, str, bool]] = [
+        ("GET /runs/{id} as served", served, path, True),
+        ("- the access log line", served, path, False),
+        ("- RequestContextMiddleware (request id, headers, metrics)", lean, path, False),
+        ("- token check, permission (both cached), HTTPBearer + X-Org-Id", lean, f"{base}/u/{run_id}", False),
+        ("- FastAPI dependencies (a user, the service)", lean, f"{base}/a/{run_id}", False),
+        ("- response_model validation + serialisation", lean, f"{base}/b/{run_id}", False),
+        ("- service, store, model_validate (raw pool.fetchrow + json.dumps)", lean, f"{base}/c/{run_id}", False),
+        ("bare app (routes on the app, no routers)", bare_app, path, False),
+    ]
+    best = {label: float("inf") for label, *_ in plan}
+    try:
+        async with (
+            served.router.lifespan_context(served),
+            lean.router.lifespan_context(lean),
+            bare_app.router.lifespan_context(bare_app),
+        ):
+            # Rounds interleave the steps, so a burst of load from elsewhere cannot favour one of them.
+            for _ in range(ANATOMY_ROUNDS):
+                for label, app, probe, logged in plan:
+                    access.disabled = not logged
+                    us = await cpu_per_request(app, probe, token, n=400, rounds=1)
+                    best[label] = min(best[label], us)
+    finally:
+        del router.routes[real : real + len(probes)]
+        access.disabled = False
+        logging.getLogger().handlers.clear()
+        devnull.close()
+    steps = [(label, best[label]) for label, *_ in plan]
+
+    rows = []
+    for i, (label, us) in enumerate(steps):
+        following = steps[i + 1][1] if i + 1 < len(steps) else None
+        rows.append({"step": label, "cpu_us": us, "layer_us": round(us - following, 1) if following is not None else None})
+    return rows
+
+
+async def run(ctx: Any) -> dict[str, Any]:
+    log("part 3: round trips per request (pg_stat_statements)")
+    trips = await round_trips(ctx)
+    log("part 3: token verification and permission lookup")
+    tokens = await token_costs(ctx)
+    permissions = await permission_costs(ctx)
+    for row in tokens + permissions:
+        log(f"  {row['what']:62s} {row['us']:8.2f} µs")
+    log("part 3: where GET /runs/{id} spends its CPU (in-process, layer by layer)")
+    layers = await anatomy(ctx)
+    for row in layers:
+        log(f"  {row['step']:66s} {row['cpu_us']:7.1f} µs")
+    return {"round_trips": trips, "auth": tokens + permissions, "anatomy": layers, "load_average": load_average()}
+
+
+def tables(result: dict[str, Any]) -> str:
+    out = [
+        table(
+            ["endpoint", "round trips / request", "statements per request"],
+            [
+                [r["endpoint"], r["round_trips_per_request"], ", ".join(f"{k} {v:g}" for k, v in r["statements_per_request"].items())]
+                for r in result["round_trips"]
+            ],
+            "Part 3: database round trips per request (pg_stat_statements, 100 sequential requests)",
+        ),
+        table(["what", "µs per call"], [[r["what"], r["us"]] for r in result["auth"]], "Part 3: token and permission"),
+        table(
+            ["GET /runs/{id}, in-process, one layer removed per line", "CPU µs/request", "that layer µs"],
+            [[r["step"], r["cpu_us"], r["layer_us"]] for r in result["anatomy"]],
+            "Part 3: where the server's CPU goes (same process, no HTTP parsing)",
+        ),
+    ]
+    return "\n".join(out)

@@ -1,0 +1,212 @@
+"""`make bench`: every part in order on a private embedded Postgres, then the summary and the chart.
+
+    python benchmarks/run.py [list] [http] [costs] [executor]     (default: all four)
+
+Environment: BENCH_DURATION (s per load point, default 5), BENCH_WARMUP (1), BENCH_TABLE_ROWS
+(1,000,000), BENCH_ORG_ROWS (100,000), BENCH_KEEP_DATA=1 keeps benchmarks/results/tmp/data,
+BENCH_BASELINE=1 also measures the API with this work's request-path changes undone (UNDO below).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+import bench_costs
+import bench_executor
+import bench_http
+import bench_list
+import report
+from common import (
+    REPO,
+    TMP,
+    BenchPostgres,
+    Proc,
+    api_server,
+    bare_server,
+    load_average,
+    log,
+    machine,
+    write_json,
+)
+from fixtures import BIG_ORG_SLUG, Identity, identity, load_million, seed_runs
+
+PARTS = ("list", "http", "costs", "executor")
+TABLE_ROWS = int(os.environ.get("BENCH_TABLE_ROWS", "1000000"))
+ORG_ROWS = int(os.environ.get("BENCH_ORG_ROWS", "100000"))
+BENCH_ORG_RUNS = 200
+
+
+@dataclass
+class Context:
+    pg: BenchPostgres
+    secret: str = ""
+    bench: Identity | None = None
+    big: Identity | None = None
+    big_rows: int = 0
+    run_id: uuid.UUID | None = None
+    token: str = ""
+    big_token: str = ""
+    cursor: str = ""
+    api: Proc | None = None
+    bare: Proc | None = None
+    baseline: Proc | None = None
+    procs: list[Proc] = field(default_factory=list)
+
+    def sign(self, user_id: uuid.UUID, email: str) -> str:
+        from app.cli import sign_local_token
+
+        return sign_local_token(self.secret, user_id, email, 24 * 3600)
+
+    def postmaster_pid(self) -> int:
+        return int((self.pg.pg.pgdata / "postmaster.pid").read_text().split()[0])
+
+    def start(self, proc: Proc) -> Proc:
+        self.procs.append(proc.start())
+        proc.wait_ready()
+        return proc
+
+
+# The three request-path changes of this bench work, undone in a copy of apps/api/src for a
+# before/after (BENCH_BASELINE=1): each pair is (as the code is now, as it was).
+UNDO = [
+    ("routers/collection.py", "async def get_service(request: Request)", "def get_service(request: Request)"),
+    ("database.py", "        reset=_keep_session,\n", ""),
+    ("auth.py", "self._verified_ttl_s = settings.auth_cache_s", "self._verified_ttl_s = 0.0"),
+]
+
+
+def baseline_server(pg: BenchPostgres) -> Proc:
+    """The API with UNDO applied: the thread-pool hop for get_service, asyncpg's reset query on every
+    release, and a signature check on every request, as before."""
+    target = TMP / "baseline"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(REPO / "apps" / "api" / "src", target, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, now, before in UNDO:
+        path = target / "app" / name
+        text = path.read_text()
+        if text.count(now) != 1:
+            raise RuntimeError(f"cannot undo in {name}: {now!r} not found once (the code moved on)")
+        path.write_text(text.replace(now, before))
+    proc = api_server(pg, "api-baseline")
+    proc.cmd = [sys.executable, "-m", "app.cli", "serve"]
+    proc.env["PYTHONPATH"] = str(target)
+    proc.env["SUPABASE_DIR"] = str(REPO / "supabase")  # the copy has no repository around it
+    return proc
+
+
+def migrations_before(fix: str) -> Path:
+    """supabase/ without the migration whose effect part 2 shows (the 'before' schema)."""
+    target = TMP / "supabase-before"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(REPO / "supabase", target)
+    for path in (target / "migrations").glob(f"{fix}_*.sql"):
+        path.unlink()
+    return target
+
+
+async def prepare(ctx: Context, supabase_dir: Path, big: bool) -> dict[str, Any]:
+    from app.migrate import apply_migrations
+    from app.services.collection import encode_cursor
+
+    info: dict[str, Any] = {}
+    conn = await asyncpg.connect(ctx.pg.dsn)
+    try:
+        await apply_migrations(conn, supabase_dir, local_bootstrap=True, seed=True)
+        await conn.execute("create extension if not exists pg_stat_statements")
+        ctx.bench = await identity(conn, "bench")
+        await seed_runs(conn, ctx.bench.org_id, ctx.bench.user_id, BENCH_ORG_RUNS)
+        page = await conn.fetch(
+            "select id, created_at from public.collection_runs where org_id = $1 "
+            "order by created_at desc, id desc limit 20",
+            ctx.bench.org_id,
+        )
+        ctx.run_id = page[0]["id"]
+        ctx.cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"])
+        if big:
+            ctx.big = await identity(conn, BIG_ORG_SLUG, "bench-big@local.test")
+            log(f"loading {TABLE_ROWS:,} runs ({ORG_ROWS:,} in org {BIG_ORG_SLUG}) with SQL")
+            info["load"] = await load_million(conn, ctx.big, TABLE_ROWS, ORG_ROWS)
+            ctx.big_rows = ORG_ROWS
+            info["table_rows"] = await conn.fetchval("select count(*) from public.collection_runs")
+            log(f"  loaded in {info['load']['insert_s']:.1f} s, VACUUM ANALYZE {info['load']['vacuum_analyze_s']:.1f} s")
+    finally:
+        await conn.close()
+    ctx.token = ctx.sign(ctx.bench.user_id, "bench@local.test")
+    if ctx.big:
+        ctx.big_token = ctx.sign(ctx.big.user_id, "bench-big@local.test")
+    return info
+
+
+def main(argv: list[str]) -> int:
+    parts = [p for p in argv if p in PARTS] or list(PARTS)
+    started = time.perf_counter()
+    TMP.mkdir(parents=True, exist_ok=True)
+    data = TMP / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    ctx = Context(pg=BenchPostgres(data))
+    about = machine()
+    about["parts"] = parts
+    log(f"machine: {about['nproc']} CPUs ({about['cpu_model']}), {about['memory_gib']} GiB; load {about['load_average_at_start']}")
+    ctx.pg.start()
+    ctx.secret = ctx.pg.jwt_secret()
+    try:
+        before_dir = migrations_before(bench_list.FIX_MIGRATION) if "list" in parts else REPO / "supabase"
+        info = asyncio.run(prepare(ctx, before_dir, big="list" in parts))
+
+        list_result: dict[str, Any] = {}
+        if "list" in parts:
+            log(f"part 2: GET /runs with {info['table_rows']:,} runs, before {bench_list.FIX_MIGRATION}")
+            ctx.api = ctx.start(api_server(ctx.pg, "api-before", SUPABASE_DIR=str(before_dir)))
+            list_result["before"] = asyncio.run(bench_list.run_phase(ctx, "before"))
+            ctx.api.stop()
+
+        # The server as `make run` starts it; it applies the migrations not yet applied.
+        ctx.api = ctx.start(api_server(ctx.pg, "api"))
+        if "list" in parts:
+            log(f"part 2: after {bench_list.FIX_MIGRATION}")
+            list_result["after"] = asyncio.run(bench_list.run_phase(ctx, "after"))
+            list_result["check"] = asyncio.run(bench_list.check_pages(ctx))
+            list_result.update(table_rows=info["table_rows"], org_rows=ctx.big_rows, load=info["load"])
+            write_json("list", list_result)
+
+        if "http" in parts:
+            ctx.bare = ctx.start(bare_server(ctx.pg, ctx.bench.org_id, ctx.bench.user_id))
+            if os.environ.get("BENCH_BASELINE") == "1":
+                ctx.baseline = ctx.start(baseline_server(ctx.pg))
+            write_json("http", bench_http.run(ctx))
+            ctx.bare.stop()
+            if ctx.baseline:
+                ctx.baseline.stop()
+
+        if "costs" in parts:
+            write_json("costs", asyncio.run(bench_costs.run(ctx)))
+        ctx.api.stop()
+
+        if "executor" in parts:
+            write_json("executor", asyncio.run(bench_executor.run(ctx)))
+    finally:
+        for proc in ctx.procs:
+            proc.stop()
+        ctx.pg.stop()
+        if os.environ.get("BENCH_KEEP_DATA") != "1":
+            shutil.rmtree(data, ignore_errors=True)
+    about["load_average_at_end"] = load_average()
+    about["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json("machine", about)
+    log(f"done in {about['elapsed_s']:.0f} s; load {about['load_average_at_end']}")
+    report.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
