@@ -94,9 +94,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             )
         ).run()
     finally:
-        if pg is not None and pg.started_here:
-            pg.stop()
-            logger.info("embedded Postgres stopped")
+        if pg is not None:
+            pg.release()
     return 0
 
 
@@ -110,8 +109,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if settings.database_url is None:
         _, pg = prepare_local(settings)
-        if pg.started_here:
-            pg.stop()
+        pg.release()
         return 0
     applied = asyncio.run(_migrate(settings.database_url.get_secret_value(), settings, local=False))
     logger.info("%d migration(s) applied", len(applied))
@@ -177,8 +175,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
             _ensure_local_identity(local.database_url.get_secret_value(), args.email, args.org, args.role)
         )
     finally:
-        if pg.started_here:
-            pg.stop()
+        pg.release()
     token = sign_local_token(local.supabase_jwt_secret.get_secret_value(), user_id, args.email, args.ttl)
     print(
         f"# {args.email} ({args.role} of org '{args.org}', id {org_id}); valid {args.ttl // 3600} h",

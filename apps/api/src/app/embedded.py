@@ -6,14 +6,17 @@ Postgres refuses to run as root; when we are root (CI, containers) it runs as a 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pwd
 import secrets
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # The wheel's package import looks up a runtime folder we never use, and warns when there is none.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -38,6 +41,7 @@ class EmbeddedPostgres:
         self.pgdata = self.data_dir / "postgres"
         self.port = port
         self.started_here = False
+        self._in_use: IO[bytes] | None = None
         self._user = _ensure_system_user() if os.geteuid() == 0 else None
 
     @property
@@ -95,7 +99,50 @@ class EmbeddedPostgres:
         return self._run("pg_ctl", "status", "-D", str(self.pgdata), timeout=10).returncode == 0
 
     def start(self) -> str:
-        """Initialise if needed and start, or reuse a server already running on this data folder."""
+        """Initialise if needed and start, or reuse a server already running on this data folder.
+
+        While it returns, this process is a user of the server (see `release`)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self._locked(".startup.lock", fcntl.LOCK_EX):
+            # Several local commands (serve, token, migrate) may start at once: one decides at a time.
+            self._in_use = self._open_lock(".in-use.lock")
+            fcntl.flock(self._in_use, fcntl.LOCK_SH)
+            return self._start_locked()
+
+    def release(self) -> None:
+        """This process is done with the server: stop it if we started it and no one else uses it.
+
+        A `make token` that started the server while `make run` was starting must not stop it under
+        the server: every user holds a shared lock, and only a process that can take it exclusively
+        (no other user left) stops what it started."""
+        in_use, self._in_use = self._in_use, None
+        if in_use is None:
+            return
+        with self._locked(".startup.lock", fcntl.LOCK_EX):
+            fcntl.flock(in_use, fcntl.LOCK_UN)
+            try:
+                if not self.started_here:
+                    return
+                try:
+                    fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info("embedded Postgres left running: another local process uses it")
+                    return
+                self.stop()
+                logger.info("embedded Postgres stopped")
+            finally:
+                in_use.close()
+
+    def _open_lock(self, name: str) -> IO[bytes]:
+        return (self.data_dir / name).open("ab")
+
+    @contextmanager
+    def _locked(self, name: str, mode: int) -> Iterator[None]:
+        with self._open_lock(name) as lock:
+            fcntl.flock(lock, mode)
+            yield
+
+    def _start_locked(self) -> str:
         self.init()
         if self.running():
             logger.info("embedded Postgres already running on %s", self.pgdata)
