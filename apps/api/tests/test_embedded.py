@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from app.embedded import EmbeddedPostgres
+from conftest import free_port
 
 
 @pytest.fixture(autouse=True)
