@@ -39,7 +39,7 @@ test: install lint
 	$(UV) run --frozen --no-sync pytest $(PYTEST_ARGS)
 
 # Benchmarks (benchmarks/README.md): wrk from Debian and the `bench` dependency group (matplotlib),
-# both installed on first use; BENCH_PARTS="list http costs executor" picks parts. About 8 minutes.
+# both installed on first use; BENCH_PARTS="list http costs executor" picks parts. About 6 minutes.
 bench: install
 	@command -v wrk >/dev/null || $(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get install -y wrk || (apt-get update && apt-get install -y wrk)'
 	$(UV) sync --frozen --inexact --group bench --quiet

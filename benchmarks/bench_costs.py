@@ -8,7 +8,6 @@
   at a time (CPU µs per request of this process, the best of 5 rounds).
 """
 
-
 import json
 import logging
 import os
@@ -21,16 +20,18 @@ from typing import Annotated, Any
 import asyncpg
 import httpx
 import jwt
+from common import load_average, log, table  # noqa: I001  (common puts apps/api/src on sys.path)
 from fastapi import Depends, FastAPI, Request, Response
 from pydantic import SecretStr
 
-from common import load_average, log, table  # noqa: I001  (common puts apps/api/src on sys.path)
 from app.auth import CurrentUser
 from app.models import CollectionRunResponse
 
 ROUND_TRIP_REQUESTS = 100
 ANATOMY_ROUNDS = 10
-BACKGROUND = re.compile(r"pg_stat_statements|collection_heartbeat|collection_claim_runs|pg_catalog|pg_database")
+BACKGROUND = re.compile(
+    r"pg_stat_statements|collection_heartbeat|collection_claim_runs|pg_catalog|pg_database"
+)
 FUNCTION = re.compile(r"public\.(collection_\w+)")
 
 
@@ -53,13 +54,16 @@ async def statement_calls(conn: asyncpg.Connection) -> dict[str, int]:
 
 
 async def round_trips(ctx: Any) -> list[dict[str, Any]]:
+    ctx.api.ensure_running()
     headers = {"Authorization": f"Bearer {ctx.token}"}
     conn = await asyncpg.connect(ctx.pg.dsn)
     results = []
     created: list[str] = []
 
     async def create(client: httpx.AsyncClient) -> httpx.Response:
-        response = await client.post("/collection/runs", json={"category_ids": ["electronics", "home-garden"]})
+        response = await client.post(
+            "/collection/runs", json={"category_ids": ["electronics", "home-garden"]}
+        )
         created.append(response.json()["id"])
         return response
 
@@ -69,7 +73,10 @@ async def round_trips(ctx: Any) -> list[dict[str, Any]]:
     endpoints: list[tuple[str, Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]]] = [
         ("GET /runs/{id}", lambda c: c.get(f"/collection/runs/{ctx.run_id}")),
         ("GET /runs", lambda c: c.get("/collection/runs", params={"limit": 20})),
-        ("GET /runs?cursor=…", lambda c: c.get("/collection/runs", params={"limit": 20, "cursor": ctx.cursor})),
+        (
+            "GET /runs?cursor=…",
+            lambda c: c.get("/collection/runs", params={"limit": 20, "cursor": ctx.cursor}),
+        ),
         ("POST /estimate", lambda c: c.post("/collection/estimate", json={"category_ids": ["a", "b", "c"]})),
         ("POST /runs", create),
         ("POST /runs/{id}/cancel", cancel),
@@ -80,7 +87,7 @@ async def round_trips(ctx: Any) -> list[dict[str, Any]]:
             for label, call in endpoints:
                 if label != "POST /runs/{id}/cancel":
                     for _ in range(5):  # warm: connections open, statements prepared, caches filled
-                        response = await call(client)
+                        await call(client)
                         if label == "POST /runs":
                             await cancel(client)
                 await conn.execute("select pg_stat_statements_reset()")
@@ -188,8 +195,14 @@ async def permission_costs(ctx: Any) -> list[dict[str, Any]]:
         cold = AccessCache(store, 0)
         warm = AccessCache(store, 5)
         return [
-            {"what": "permission lookup, cold (collection_user_access: 1 round trip)", "us": await timed(lambda: cold.get(user), 500)},
-            {"what": "permission lookup, warm (access cache hit)", "us": await timed(lambda: warm.get(user), 20000)},
+            {
+                "what": "permission lookup, cold (collection_user_access: 1 round trip)",
+                "us": await timed(lambda: cold.get(user), 500),
+            },
+            {
+                "what": "permission lookup, warm (access cache hit)",
+                "us": await timed(lambda: warm.get(user), 20000),
+            },
         ]
     finally:
         await store.close()
@@ -209,13 +222,19 @@ def scope(path: str, token: str) -> dict[str, Any]:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode()), (b"accept", b"*/*")],
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"accept", b"*/*"),
+        ],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
     }
 
 
-async def cpu_per_request(app: Any, path: str, token: str, n: int = 1000, rounds: int = 5, warm: int = 50) -> float:
+async def cpu_per_request(
+    app: Any, path: str, token: str, n: int = 1000, rounds: int = 5, warm: int = 50
+) -> float:
     """CPU µs of this process per request through the ASGI app (no HTTP parsing, no sockets)."""
 
     async def receive() -> dict[str, Any]:
@@ -301,7 +320,9 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
         router.add_api_route(path, endpoint, methods=["GET"], response_model=model)
     added = router.routes[-len(probes) :]
     del router.routes[-len(probes) :]
-    real = next(i for i, r in enumerate(router.routes) if getattr(r, "path", "") == "/collection/runs/{run_id}")
+    real = next(
+        i for i, r in enumerate(router.routes) if getattr(r, "path", "") == "/collection/runs/{run_id}"
+    )
     router.routes[real:real] = added
 
     os.environ.update(BENCH_DSN=ctx.pg.dsn, BENCH_ORG_ID=str(org), BENCH_USER_ID=str(ctx.bench.user_id))
@@ -328,8 +349,13 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
         ("- token check, permission (both cached), HTTPBearer + X-Org-Id", lean, f"{base}/u/{run_id}", False),
         ("- FastAPI dependencies (a user, the service)", lean, f"{base}/a/{run_id}", False),
         ("- response_model validation + serialisation", lean, f"{base}/b/{run_id}", False),
-        ("- service, store, model_validate (raw pool.fetchrow + json.dumps)", lean, f"{base}/c/{run_id}", False),
-        ("bare app (routes on the app, no routers)", bare_app, path, False),
+        (
+            "- service, store, model_validate (raw pool.fetchrow + json.dumps)",
+            lean,
+            f"{base}/c/{run_id}",
+            False,
+        ),
+        ("- our app's routers (include_router) = the bare app", bare_app, path, False),
     ]
     best = {label: float("inf") for label, *_ in plan}
     try:
@@ -351,10 +377,17 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
         devnull.close()
     steps = [(label, best[label]) for label, *_ in plan]
 
+    # Each line's layer is what removing it saved: the line above minus this one.
     rows = []
     for i, (label, us) in enumerate(steps):
-        following = steps[i + 1][1] if i + 1 < len(steps) else None
-        rows.append({"step": label, "cpu_us": us, "layer_us": round(us - following, 1) if following is not None else None})
+        previous = steps[i - 1][1] if i else None
+        rows.append(
+            {
+                "step": label,
+                "cpu_us": us,
+                "layer_us": round(previous - us, 1) if previous is not None else None,
+            }
+        )
     return rows
 
 
@@ -370,7 +403,12 @@ async def run(ctx: Any) -> dict[str, Any]:
     layers = await anatomy(ctx)
     for row in layers:
         log(f"  {row['step']:66s} {row['cpu_us']:7.1f} µs")
-    return {"round_trips": trips, "auth": tokens + permissions, "anatomy": layers, "load_average": load_average()}
+    return {
+        "round_trips": trips,
+        "auth": tokens + permissions,
+        "anatomy": layers,
+        "load_average": load_average(),
+    }
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -378,14 +416,26 @@ def tables(result: dict[str, Any]) -> str:
         table(
             ["endpoint", "round trips / request", "statements per request"],
             [
-                [r["endpoint"], r["round_trips_per_request"], ", ".join(f"{k} {v:g}" for k, v in r["statements_per_request"].items())]
+                [
+                    r["endpoint"],
+                    r["round_trips_per_request"],
+                    ", ".join(f"{k} {v:g}" for k, v in r["statements_per_request"].items()),
+                ]
                 for r in result["round_trips"]
             ],
             "Part 3: database round trips per request (pg_stat_statements, 100 sequential requests)",
         ),
-        table(["what", "µs per call"], [[r["what"], r["us"]] for r in result["auth"]], "Part 3: token and permission"),
         table(
-            ["GET /runs/{id}, in-process, one layer removed per line", "CPU µs/request", "that layer µs"],
+            ["what", "µs per call"],
+            [[r["what"], r["us"]] for r in result["auth"]],
+            "Part 3: token and permission",
+        ),
+        table(
+            [
+                "GET /runs/{id}, in-process, one layer removed per line",
+                "CPU µs/request",
+                "the layer removed µs",
+            ],
             [[r["step"], r["cpu_us"], r["layer_us"]] for r in result["anatomy"]],
             "Part 3: where the server's CPU goes (same process, no HTTP parsing)",
         ),

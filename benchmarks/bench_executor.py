@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-
 from common import api_server, load_average, log, table
 from fixtures import Identity, identity, interrupted_runs
 
@@ -125,7 +124,9 @@ async def start_once(ctx: Any, label: str) -> dict[str, Any]:
     return {
         "healthz_s": healthz,
         "recovery_log_s": recovery,
-        "lifespan_to_recovery_ms": round((stamp(found) - stamp(waiting)) * 1000) if waiting and found else None,
+        "lifespan_to_recovery_ms": round((stamp(found) - stamp(waiting)) * 1000)
+        if waiting and found
+        else None,
         "lifespan_ms": round((stamp(complete) - stamp(waiting)) * 1000) if waiting and complete else None,
         "recovery_line": found.split(" INFO ", 1)[-1].replace(" request_id=-", "")[:120],
     }
@@ -161,7 +162,12 @@ async def run(ctx: Any) -> dict[str, Any]:
         await one_run(ctx, "latency-0ms", 20, SANDBOX_LATENCY_MS="0", PROVIDER_RATE_PER_S="0"),
         await one_run(ctx, "latency-100ms", 4, SANDBOX_LATENCY_MS="100"),
         await one_run(
-            ctx, "latency-100ms-x16", 8, SANDBOX_LATENCY_MS="100", ITEMS_IN_FLIGHT_PER_RUN="16", PROVIDER_RATE_PER_S="0"
+            ctx,
+            "latency-100ms-x16",
+            8,
+            SANDBOX_LATENCY_MS="100",
+            ITEMS_IN_FLIGHT_PER_RUN="16",
+            PROVIDER_RATE_PER_S="0",
         ),
     ]
     starts = [await startup(ctx, "no interrupted runs")]
@@ -186,7 +192,14 @@ def tables(result: dict[str, Any]) -> str:
         for r in result["runs"]
     ]
     start_rows = [
-        [s["label"], s["healthz_s"], s["recovery_log_s"], s["lifespan_to_recovery_ms"], s["lifespan_ms"], s["recovery_line"]]
+        [
+            s["label"],
+            s["healthz_s"],
+            s["recovery_log_s"],
+            s["lifespan_to_recovery_ms"],
+            s["lifespan_ms"],
+            s["recovery_line"],
+        ]
         for s in result["startup"]
     ]
     return "\n".join(
@@ -197,7 +210,14 @@ def tables(result: dict[str, Any]) -> str:
                 "Part 4: executor, one run (ITEMS_IN_FLIGHT_PER_RUN 4 unless set)",
             ),
             table(
-                ["start-up", "→ /healthz 200 s", "→ recovery log s", "lifespan → recovery ms", "lifespan ms", "recovery line"],
+                [
+                    "start-up",
+                    "→ /healthz 200 s",
+                    "→ recovery log s",
+                    "lifespan → recovery ms",
+                    "lifespan ms",
+                    "recovery line",
+                ],
                 start_rows,
                 "Part 4: server start-up, median of 3 (Postgres already running; process start = before Python imports)",
             ),

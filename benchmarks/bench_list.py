@@ -1,7 +1,7 @@
 """Part 2: GET /collection/runs with 1,000,000 runs in the table (100,000 in the caller's org):
-p50/p99 of the first page and of deep pages, before and after migration 20261125000500 (estimated
-total above 10,000, offset walked in the index, keyset `cursor`), through the real server (wrk, c=1),
-and the SQL function's own time in the database beside each.
+p50/p99 of the first page and of deep pages, before and after migrations 20261125000500 and 000600
+(estimated total above 10,000, deep offsets walked in the index, keyset `cursor`), through the real
+server (wrk, c=1), and the SQL function's own time in the database beside each.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from typing import Any
 from urllib.parse import quote
 
 import asyncpg
-
 from common import DURATION, load_average, log, table, wrk
 
 DEEP_OFFSET = int(os.environ.get("BENCH_DEEP_OFFSET", "90000"))
 PAGE = 20
-FIX_MIGRATION = "20261125000500"
+FIX_MIGRATIONS = ("20261125000500", "20261125000600")  # the "before" schema stops short of these
 
 
 def queries(cursor: str | None) -> list[tuple[str, str]]:
@@ -37,7 +36,10 @@ async def sql_times(dsn: str, org: uuid.UUID, after: tuple[Any, uuid.UUID] | Non
     conn = await asyncpg.connect(dsn)
     calls: dict[str, tuple[str, tuple[Any, ...]]] = {
         "first page": ("select public.collection_list_runs($1, $2, 0, null)", (org, PAGE)),
-        f"offset {DEEP_OFFSET:,}": ("select public.collection_list_runs($1, $2, $3, null)", (org, PAGE, DEEP_OFFSET)),
+        f"offset {DEEP_OFFSET:,}": (
+            "select public.collection_list_runs($1, $2, $3, null)",
+            (org, PAGE, DEEP_OFFSET),
+        ),
         "status=failed, first page": ("select public.collection_list_runs($1, $2, 0, 'failed')", (org, PAGE)),
     }
     if after is not None:
@@ -80,14 +82,24 @@ async def deep_keyset(dsn: str, org: uuid.UUID) -> tuple[Any, uuid.UUID]:
 async def run_phase(ctx: Any, phase: str) -> dict[str, Any]:
     from app.services.collection import encode_cursor
 
+    ctx.api.ensure_running()
     after = await deep_keyset(ctx.pg.dsn, ctx.big.org_id) if phase == "after" else None
     cursor = encode_cursor(*after) if after else None
     db_ms = await sql_times(ctx.pg.dsn, ctx.big.org_id, after)
     rows = []
     for label, query in queries(cursor):
         result = wrk(ctx.api.url, "list_runs.lua", 1, DURATION, BENCH_TOKEN=ctx.big_token, BENCH_QUERY=query)
-        rows.append({"query": label, "url": f"/collection/runs?{query}", "http": result.as_dict(), "db_p50_ms": db_ms[label]})
-        log(f"  {phase:6s} {label:28s} p50 {result.p50_ms:7.2f} ms p99 {result.p99_ms:7.2f} ms ({result.rps:6.0f}/s) db {db_ms[label]:.2f} ms")
+        rows.append(
+            {
+                "query": label,
+                "url": f"/collection/runs?{query}",
+                "http": result.as_dict(),
+                "db_p50_ms": db_ms[label],
+            }
+        )
+        log(
+            f"  {phase:6s} {label:28s} p50 {result.p50_ms:7.2f} ms p99 {result.p99_ms:7.2f} ms ({result.rps:6.0f}/s) db {db_ms[label]:.2f} ms"
+        )
     return {"phase": phase, "rows": rows, "load_average": load_average()}
 
 
@@ -100,10 +112,15 @@ async def check_pages(ctx: Any) -> dict[str, Any]:
     after = await deep_keyset(ctx.pg.dsn, ctx.big.org_id)
     headers = {"Authorization": f"Bearer {ctx.big_token}"}
     async with httpx.AsyncClient(base_url=ctx.api.url, headers=headers, timeout=30) as client:
-        by_offset = (await client.get("/collection/runs", params={"limit": PAGE, "offset": DEEP_OFFSET})).json()
-        by_cursor = (await client.get("/collection/runs", params={"limit": PAGE, "cursor": encode_cursor(*after)})).json()
+        by_offset = (
+            await client.get("/collection/runs", params={"limit": PAGE, "offset": DEEP_OFFSET})
+        ).json()
+        by_cursor = (
+            await client.get("/collection/runs", params={"limit": PAGE, "cursor": encode_cursor(*after)})
+        ).json()
     return {
-        "cursor_page_equals_offset_page": [r["id"] for r in by_cursor["runs"]] == [r["id"] for r in by_offset["runs"]],
+        "cursor_page_equals_offset_page": [r["id"] for r in by_cursor["runs"]]
+        == [r["id"] for r in by_offset["runs"]],
         "total": by_offset["total"],
         "total_estimated": by_offset.get("total_estimated"),
         "actual_rows_in_org": ctx.big_rows,
@@ -129,7 +146,7 @@ def tables(result: dict[str, Any]) -> str:
         )
     title = (
         f"Part 2: GET /runs, {result['table_rows']:,} runs ({result['org_rows']:,} in the org), c=1 — "
-        f"before / after {FIX_MIGRATION}"
+        f"before / after {' + '.join(FIX_MIGRATIONS)}"
     )
     headers = ["page", "before p50 ms", "p99 ms", "SQL ms", "after p50 ms", "p99 ms", "SQL ms"]
     check = result.get("check", {})

@@ -185,6 +185,18 @@ class Proc:
                 time.sleep(0.02)
         raise RuntimeError(f"{self.name} not ready after {timeout}s: see {self.log_path}\n{self.tail()}")
 
+    def ensure_running(self) -> bool:
+        """Start the process again if something outside stopped it (this machine is shared: a
+        `pkill -f "collection-api serve"` elsewhere reaches ours too). True when it had to."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            return False
+        log(f"{self.name} had exited (code {self.process.returncode}); starting it again")
+        self.log_path = self.log_path.with_name(self.log_path.stem + "-restarted.log")
+        self.start()
+        self.wait_ready()
+        return True
+
     def tail(self, n: int = 3000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]
@@ -208,9 +220,7 @@ class Proc:
         return self.process.pid
 
 
-def api_server(
-    pg: BenchPostgres, name: str = "api", port: int | None = None, **env: str
-) -> Proc:
+def api_server(pg: BenchPostgres, name: str = "api", port: int | None = None, **env: str) -> Proc:
     """`collection-api serve` as `make run` starts it, on the bench's own DATA_DIR and ports."""
     port = port or free_port()
     environment = clean_env(
@@ -276,10 +286,14 @@ def wrk(url: str, script: str, connections: int, duration: float, **env: str) ->
                 p90_ms=data["p90_us"] / 1000,
                 p99_ms=data["p99_us"] / 1000,
                 max_ms=data["max_us"] / 1000,
-                errors=data["errors_connect"] + data["errors_read"] + data["errors_write"]
+                errors=data["errors_connect"]
+                + data["errors_read"]
+                + data["errors_write"]
                 + data["errors_timeout"],
                 non_2xx=data["errors_status"],
             )
+    if "unable to connect" in out.stdout + out.stderr:
+        return LoadResult(0, duration, 0.0, float("nan"), float("nan"), float("nan"), float("nan"), 1, 0)
     raise RuntimeError(f"wrk gave no result: {out.stdout}\n{out.stderr}")
 
 
@@ -317,7 +331,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], title: str | No
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
         lines.append(
-            "| " + " | ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths, strict=True))
+            "| "
+            + " | ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths, strict=True))
             + " |"
         )
     return "\n".join(lines)

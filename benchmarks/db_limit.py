@@ -52,14 +52,24 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await pool.fetchval("select public.collection_estimate_inputs($1, $2)", org, cats)
         row = await pool.fetchrow(
             "select * from public.collection_create_run($1, $2, $3, $4, $5, $6, $7)",
-            org, user, "bench", cats, 1000, 100, "sandbox",
+            org,
+            user,
+            "bench",
+            cats,
+            1000,
+            100,
+            "sandbox",
         )
         return row["id"]  # type: ignore[no-any-return]
 
     async def cancel(run_id: uuid.UUID) -> None:
         await pool.fetchrow(
             "select * from public.collection_transition_run($1, $2, $3, $4, $5)",
-            org, run_id, "cancel", user, None,
+            org,
+            run_id,
+            "cancel",
+            user,
+            None,
         )
 
     simple = {"get_run": get_run, "list_runs": list_runs, "estimate": estimate}

@@ -64,7 +64,11 @@ def summary(http: Any, listing: Any, costs: Any, executor: Any, about: Any) -> s
             rows.append([f"executor {r['label']}", f"{r['items_per_s']} items/s", f"{r['items']} items"])
         for s in executor["startup"]:
             rows.append(
-                [f"start-up, {s['label']}", f"/healthz {s['healthz_s']} s, recovery line {s['recovery_log_s']} s", ""]
+                [
+                    f"start-up, {s['label']}",
+                    f"/healthz {s['healthz_s']} s, recovery line {s['recovery_log_s']} s",
+                    "",
+                ]
             )
     if about:
         rows.append(
@@ -94,11 +98,19 @@ def chart(http: Any, listing: Any, costs: Any) -> None:
             width = 0.27
             for i, target in enumerate(("ours", "bare", "db")):
                 values = [
-                    next(r for r in http["rows"] if r["endpoint"] == lab and r["concurrency"] == c)[target][metric]
+                    next(r for r in http["rows"] if r["endpoint"] == lab and r["concurrency"] == c)[target][
+                        metric
+                    ]
                     for lab in labels
                 ]
                 xs = [x + (i - 1) * width for x in range(len(labels))]
-                bars = ax.bar(xs, values, width, label={"ours": "our API", "bare": "bare FastAPI", "db": "asyncpg pool"}[target], color=colours[target])
+                bars = ax.bar(
+                    xs,
+                    values,
+                    width,
+                    label={"ours": "our API", "bare": "bare FastAPI", "db": "asyncpg pool"}[target],
+                    color=colours[target],
+                )
                 ax.bar_label(bars, fmt="%.0f" if metric == "rps" else "%.1f", fontsize=7)
             ax.set_xticks(range(len(labels)), labels, fontsize=8)
             ax.set_title(title)
@@ -109,32 +121,41 @@ def chart(http: Any, listing: Any, costs: Any) -> None:
         labels = [r["query"] for r in after]
         ax = axes[1][0]
         width = 0.38
-        b_vals = [before[q]["http"]["p50_ms"] if q in before else 0 for q in labels]
+        had = [i for i, q in enumerate(labels) if q in before]
+        b_vals = [before[labels[i]]["http"]["p50_ms"] for i in had]
         a_vals = [r["http"]["p50_ms"] for r in after]
-        bars_b = ax.bar([x - width / 2 for x in range(len(labels))], b_vals, width, label="before", color="#d62728")
-        bars_a = ax.bar([x + width / 2 for x in range(len(labels))], a_vals, width, label="after", color="#1f77b4")
+        bars_b = ax.bar([i - width / 2 for i in had], b_vals, width, label="before", color="#d62728")
+        bars_a = ax.bar(
+            [x + width / 2 for x in range(len(labels))], a_vals, width, label="after", color="#1f77b4"
+        )
         ax.bar_label(bars_b, fmt="%.1f", fontsize=7)
         ax.bar_label(bars_a, fmt="%.1f", fontsize=7)
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_title(f"GET /runs p50 ms, {listing['table_rows']:,} runs ({listing['org_rows']:,} in the org), c=1")
+        ax.set_title(
+            f"GET /runs p50 ms, {listing['table_rows']:,} runs ({listing['org_rows']:,} in the org), c=1"
+        )
         ax.legend(fontsize=8)
     if costs:
         ax = axes[1][1]
         layers = [r for r in costs["anatomy"] if r["layer_us"] is not None]
-        names = [r["step"].lstrip("- ")[:48] for r in layers] + ["bare app, all of it"]
+        names = [r["step"].lstrip("- ").split(" = ")[0].replace(" (", "\n(") for r in layers] + [
+            "the bare app, all of it"
+        ]
         values = [r["layer_us"] for r in layers] + [costs["anatomy"][-1]["cpu_us"]]
         bars = ax.barh(range(len(names)), values, color="#9467bd")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.invert_yaxis()
-        ax.set_title("GET /runs/{id}: server CPU µs per request, by layer (in-process)")
+        ax.set_title("GET /runs/{id}: server CPU µs per request, by layer")
     fig.tight_layout()
     fig.savefig(RESULTS / "bench.png", dpi=110)
     plt.close(fig)
 
 
 def main() -> None:
-    http, listing, costs, executor, about = (read_json(n) for n in ("http", "list", "costs", "executor", "machine"))
+    http, listing, costs, executor, about = (
+        read_json(n) for n in ("http", "list", "costs", "executor", "machine")
+    )
     if listing:
         print(bench_list.tables(listing))
     if http:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-
 import bench_costs
 import bench_executor
 import bench_http
@@ -104,13 +103,14 @@ def baseline_server(pg: BenchPostgres) -> Proc:
     return proc
 
 
-def migrations_before(fix: str) -> Path:
-    """supabase/ without the migration whose effect part 2 shows (the 'before' schema)."""
+def migrations_before(fixes: tuple[str, ...]) -> Path:
+    """supabase/ without the migrations whose effect part 2 shows (the 'before' schema)."""
     target = TMP / "supabase-before"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(REPO / "supabase", target)
-    for path in (target / "migrations").glob(f"{fix}_*.sql"):
-        path.unlink()
+    for fix in fixes:
+        for path in (target / "migrations").glob(f"{fix}_*.sql"):
+            path.unlink()
     return target
 
 
@@ -138,7 +138,9 @@ async def prepare(ctx: Context, supabase_dir: Path, big: bool) -> dict[str, Any]
             info["load"] = await load_million(conn, ctx.big, TABLE_ROWS, ORG_ROWS)
             ctx.big_rows = ORG_ROWS
             info["table_rows"] = await conn.fetchval("select count(*) from public.collection_runs")
-            log(f"  loaded in {info['load']['insert_s']:.1f} s, VACUUM ANALYZE {info['load']['vacuum_analyze_s']:.1f} s")
+            log(
+                f"  loaded in {info['load']['insert_s']:.1f} s, VACUUM ANALYZE {info['load']['vacuum_analyze_s']:.1f} s"
+            )
     finally:
         await conn.close()
     ctx.token = ctx.sign(ctx.bench.user_id, "bench@local.test")
@@ -156,16 +158,20 @@ def main(argv: list[str]) -> int:
     ctx = Context(pg=BenchPostgres(data))
     about = machine()
     about["parts"] = parts
-    log(f"machine: {about['nproc']} CPUs ({about['cpu_model']}), {about['memory_gib']} GiB; load {about['load_average_at_start']}")
+    log(
+        f"machine: {about['nproc']} CPUs ({about['cpu_model']}), {about['memory_gib']} GiB; load {about['load_average_at_start']}"
+    )
     ctx.pg.start()
     ctx.secret = ctx.pg.jwt_secret()
     try:
-        before_dir = migrations_before(bench_list.FIX_MIGRATION) if "list" in parts else REPO / "supabase"
+        before_dir = migrations_before(bench_list.FIX_MIGRATIONS) if "list" in parts else REPO / "supabase"
         info = asyncio.run(prepare(ctx, before_dir, big="list" in parts))
 
         list_result: dict[str, Any] = {}
         if "list" in parts:
-            log(f"part 2: GET /runs with {info['table_rows']:,} runs, before {bench_list.FIX_MIGRATION}")
+            log(
+                f"part 2: GET /runs with {info['table_rows']:,} runs, before {' + '.join(bench_list.FIX_MIGRATIONS)}"
+            )
             ctx.api = ctx.start(api_server(ctx.pg, "api-before", SUPABASE_DIR=str(before_dir)))
             list_result["before"] = asyncio.run(bench_list.run_phase(ctx, "before"))
             ctx.api.stop()
@@ -173,7 +179,7 @@ def main(argv: list[str]) -> int:
         # The server as `make run` starts it; it applies the migrations not yet applied.
         ctx.api = ctx.start(api_server(ctx.pg, "api"))
         if "list" in parts:
-            log(f"part 2: after {bench_list.FIX_MIGRATION}")
+            log("part 2: after them")
             list_result["after"] = asyncio.run(bench_list.run_phase(ctx, "after"))
             list_result["check"] = asyncio.run(bench_list.check_pages(ctx))
             list_result.update(table_rows=info["table_rows"], org_rows=ctx.big_rows, load=info["load"])
