@@ -23,6 +23,8 @@ ENDPOINTS = [
 ]
 CONCURRENCY = [1, 16, 64]
 AIM_ENDPOINTS = ("get_run", "list_runs")
+# Read endpoints also measured in the Supabase REST mode (through the loopback PostgREST bridge).
+REST_ENDPOINTS = ("get_run", "list_runs")
 AIM_THROUGHPUT = 0.80  # ours/bare at c=16
 AIM_P99 = 1.5  # ours/bare p99 at c=64
 
@@ -103,6 +105,7 @@ def run(ctx: Any) -> dict[str, Any]:
             bare = measured(ctx.bare, postmaster, script, c, env)
             db = db_limit(ctx, op, c)
             baseline = measured(ctx.baseline, postmaster, script, c, env) if ctx.baseline else None
+            rest = measured(ctx.rest, postmaster, script, c, env) if ctx.rest and op in REST_ENDPOINTS else None
             row = {
                 "endpoint": label,
                 "op": op,
@@ -115,6 +118,9 @@ def run(ctx: Any) -> dict[str, Any]:
                 "ours_over_bare_p99": ratio(ours["p99_ms"], bare["p99_ms"]),
                 "load_average": load,
             }
+            if rest:
+                row["rest"] = rest
+                row["rest_over_ours_rps"] = ratio(rest["rps"], ours["rps"])
             if baseline:
                 row["baseline"] = baseline
                 row["ours_over_baseline_rps"] = ratio(ours["rps"], baseline["rps"])
@@ -220,6 +226,24 @@ def tables(result: dict[str, Any]) -> str:
                     if "baseline" in r
                 ],  # fmt: skip
                 "Part 1: our API before (run.UNDO: sync get_service, pool reset query, no token reuse) and after",
+            )
+        )
+    if any("rest" in r for r in result["rows"]):
+        out.append(
+            table(
+                ["endpoint", "c", "direct req/s", "p50 ms", "p99 ms", "REST mode req/s", "p50 ms", "p99 ms", "REST/direct"],
+                [
+                    [
+                        r["endpoint"], r["concurrency"],
+                        r["ours"]["rps"], r["ours"]["p50_ms"], r["ours"]["p99_ms"],
+                        r["rest"]["rps"], r["rest"]["p50_ms"], r["rest"]["p99_ms"],
+                        r["rest_over_ours_rps"],
+                    ]
+                    for r in result["rows"]
+                    if "rest" in r
+                ],  # fmt: skip
+                "Part 1: read endpoints in the Supabase REST mode, through the loopback PostgREST bridge "
+                "(tests/postgrest_bridge.py, not a real PostgREST), beside the direct mode",
             )
         )
     aim_rows = [

@@ -26,12 +26,16 @@ import bench_http
 import bench_list
 import report
 from common import (
+    API_CMD,
+    BENCH,
     REPO,
     TMP,
     BenchPostgres,
     Proc,
     api_server,
     bare_server,
+    clean_env,
+    free_port,
     load_average,
     log,
     machine,
@@ -59,6 +63,7 @@ class Context:
     api: Proc | None = None
     bare: Proc | None = None
     baseline: Proc | None = None
+    rest: Proc | None = None
     procs: list[Proc] = field(default_factory=list)
 
     def sign(self, user_id: uuid.UUID, email: str) -> str:
@@ -82,6 +87,50 @@ UNDO = [
     ("database.py", "        reset=_keep_session,\n", ""),
     ("auth.py", "self._verified_ttl_s = settings.auth_cache_s", "self._verified_ttl_s = 0.0"),
 ]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            time.sleep(0.05)
+
+
+def rest_servers(pg: BenchPostgres, secret: str) -> tuple[Proc, Proc]:
+    """The loopback PostgREST bridge on the bench database, and `collection-api serve` in the REST mode
+    through it (SUPABASE_URL + a service_role key, no DATABASE_URL; local tokens still verify)."""
+    import jwt
+
+    service_key = jwt.encode({"role": "service_role", "iss": "supabase"}, secret, algorithm="HS256")
+    bridge_port = free_port()
+    bridge = Proc(
+        "rest-bridge",
+        [sys.executable, str(BENCH / "rest_bridge.py")],
+        clean_env(BENCH_DSN=pg.dsn, BENCH_JWT_SECRET=secret, BENCH_SERVICE_KEY=service_key, PORT=str(bridge_port)),
+        bridge_port,
+    )
+    port = free_port()
+    rest = Proc(
+        "api-rest",
+        API_CMD,
+        clean_env(
+            SUPABASE_URL=f"http://127.0.0.1:{bridge_port}",
+            SUPABASE_SERVICE_ROLE_KEY=service_key,
+            SUPABASE_JWT_SECRET=secret,
+            SUPABASE_JWT_ISSUER="collection-api-local",
+            EXECUTOR_ENABLED="false",
+            PORT=str(port),
+        ),
+        port,
+    )
+    return bridge, rest
 
 
 def baseline_server(pg: BenchPostgres) -> Proc:
@@ -187,10 +236,17 @@ def main(argv: list[str]) -> int:
 
         if "http" in parts:
             ctx.bare = ctx.start(bare_server(ctx.pg, ctx.bench.org_id, ctx.bench.user_id))
+            # The Supabase REST mode: the same server, its store through the loopback PostgREST bridge.
+            bridge, rest = rest_servers(ctx.pg, ctx.secret)
+            ctx.procs.append(bridge.start())
+            wait_for_port(bridge.port)
+            ctx.rest = ctx.start(rest)
             if os.environ.get("BENCH_BASELINE") == "1":
                 ctx.baseline = ctx.start(baseline_server(ctx.pg))
             write_json("http", bench_http.run(ctx))
             ctx.bare.stop()
+            ctx.rest.stop()
+            bridge.stop()
             if ctx.baseline:
                 ctx.baseline.stop()
 
