@@ -216,11 +216,6 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-class ValidationErrorResponse(BaseModel):
-    detail: list[dict[str, Any]]
-    error: str = "validation_error"
-
-
 class IncompleteRun(BaseModel):
     id: UUID
     org_id: UUID
