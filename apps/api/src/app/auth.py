@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import time as wall_clock  # for `exp`; `time.monotonic` measures the cache windows
-from typing import Annotated, Any
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 import httpx
 import jwt
-from fastapi import Depends, Header, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
+from fastapi.security.base import SecurityBase
 
 from app.config import Settings
 from app.errors import NotAuthenticated, OrganisationRequired, PermissionDenied
@@ -192,38 +194,61 @@ def choose_org(memberships: list[OrgAccess], requested: str | None) -> OrgAccess
     raise PermissionDenied("You are not a member of that organisation")
 
 
-bearer_scheme = HTTPBearer(auto_error=False, description="A Supabase access token (`make token` locally)")
+ORG_HEADER = "X-Org-Id"
+ORG_HEADER_MAX_LENGTH = 64
+T = TypeVar("T")
 
 
-def require_permission_key(permission: str) -> Callable[..., Awaitable[CurrentUser]]:
-    """Dependency: the verified caller, in the org they chose, holding `permission` there."""
+class PermissionGuard(SecurityBase, Generic[T]):
+    """Dependency: the verified caller, in the org they chose, holding `permission` there, handed to
+    `bind` with the request (so an endpoint can get what it needs beside the caller from this one
+    dependency).
 
-    async def dependency(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-        x_org_id: Annotated[
-            str | None,
-            Header(
-                alias="X-Org-Id",
-                max_length=64,
-                description="Organisation id or slug; needed only by users in several organisations",
-            ),
-        ] = None,
-    ) -> CurrentUser:
-        if credentials is None or not credentials.credentials:
+    It reads the bearer token and `X-Org-Id` itself, where `HTTPBearer` and `Header` would be
+    dependencies and parameters of their own: FastAPI resolves and validates each one on every request,
+    and together they cost more than the token and permission checks (benchmarks/README.md). It is a
+    security scheme (`SecurityBase` with the model `HTTPBearer` declares), so the OpenAPI schema still
+    names the bearer token on every operation behind it; `document_org_header` adds the header.
+    """
+
+    def __init__(self, permission: str, bind: Callable[[CurrentUser, Request], T]) -> None:
+        self.permission = permission
+        self.bind = bind
+        self.model = HTTPBearerModel(description="A Supabase access token (`make token` locally)")
+        self.scheme_name = "HTTPBearer"
+
+    async def __call__(self, request: Request) -> T:
+        headers = request.headers
+        token = bearer_token(headers.get("authorization"))
+        x_org_id = headers.get("x-org-id")
+        if x_org_id is not None and len(x_org_id) > ORG_HEADER_MAX_LENGTH:
+            # The error FastAPI gives a declared header parameter with this bound.
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_too_long",
+                        "loc": ("header", ORG_HEADER),
+                        "msg": f"String should have at most {ORG_HEADER_MAX_LENGTH} characters",
+                        "input": x_org_id,
+                        "ctx": {"max_length": ORG_HEADER_MAX_LENGTH},
+                    }
+                ]
+            )
+        if token is None:
             raise NotAuthenticated("Missing bearer token")
-        verifier: TokenVerifier = request.app.state.token_verifier
-        claims = await verifier.verify(credentials.credentials)
+        state = request.app.state
+        verifier: TokenVerifier = state.token_verifier
+        claims = await verifier.verify(token)
         try:
             user_id = UUID(str(claims["sub"]))
         except ValueError:
             raise NotAuthenticated("Invalid bearer token") from None
-        access_cache: AccessCache = request.app.state.access_cache
+        access_cache: AccessCache = state.access_cache
         org = choose_org(await access_cache.get(user_id), x_org_id)
-        if permission not in org.permissions:
-            raise PermissionDenied(f"Your role '{org.role}' lacks the permission '{permission}'")
+        if self.permission not in org.permissions:
+            raise PermissionDenied(f"Your role '{org.role}' lacks the permission '{self.permission}'")
         email = claims.get("email")
-        return CurrentUser(
+        user = CurrentUser(
             user_id=user_id,
             email=email if isinstance(email, str) else None,
             org_id=org.org_id,
@@ -231,5 +256,49 @@ def require_permission_key(permission: str) -> Callable[..., Awaitable[CurrentUs
             role=org.role,
             permissions=org.permissions,
         )
+        return self.bind(user, request)
 
-    return dependency
+
+def document_org_header(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema with `X-Org-Id` (and its 422) on every operation behind a PermissionGuard, as
+    FastAPI would write them for a declared header parameter."""
+    description = "Organisation id or slug; needed only by users in several organisations"
+    parameter = {
+        "name": ORG_HEADER,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {
+            "anyOf": [{"type": "string", "maxLength": ORG_HEADER_MAX_LENGTH}, {"type": "null"}],
+            "title": ORG_HEADER,
+            "description": description,
+        },
+    }
+    invalid = {
+        "description": "Validation Error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+    }
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            if {"HTTPBearer": []} not in operation.get("security", []):
+                continue
+            parameters = operation.setdefault("parameters", [])
+            if all(p.get("name") != ORG_HEADER for p in parameters):
+                parameters.append(parameter)
+            operation.setdefault("responses", {}).setdefault("422", invalid)
+    return schema
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), as HTTPBearer
+    reads it."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if token and scheme.lower() == "bearer" else None
+
+
+def require_permission_key(permission: str) -> PermissionGuard[CurrentUser]:
+    """Dependency: the verified caller, in the org they chose, holding `permission` there."""
+    return PermissionGuard(permission, lambda user, _request: user)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import asyncpg
 
@@ -62,12 +60,9 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     )
 
 
-@asynccontextmanager
-async def unavailable_as_503() -> AsyncIterator[None]:
-    """Turn 'database cannot answer' into DatabaseUnavailable (503 + Retry-After)."""
-    try:
-        yield
-    except UNAVAILABLE_ERRORS as exc:
-        if isinstance(exc, asyncpg.exceptions.QueryCanceledError | asyncio.TimeoutError):
-            raise DatabaseUnavailable("The database did not answer in time; retry shortly") from exc
-        raise DatabaseUnavailable() from exc
+def as_unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """'The database cannot answer' (one of UNAVAILABLE_ERRORS) as DatabaseUnavailable (503 +
+    Retry-After)."""
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | asyncio.TimeoutError):
+        return DatabaseUnavailable("The database did not answer in time; retry shortly")
+    return DatabaseUnavailable()
