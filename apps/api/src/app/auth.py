@@ -102,18 +102,22 @@ class TokenVerifier:
         self._verified_ttl_s = settings.auth_cache_s
 
     async def verify(self, token: str) -> dict[str, Any]:
+        return (await self.verify_until(token))[1]
+
+    async def verify_until(self, token: str) -> tuple[float, dict[str, Any]]:
+        """The token's claims, and the monotonic time until which they may be reused."""
         now = time.monotonic()
         hit = self._verified.get(token)
         if hit is not None and now < hit[0]:
-            return hit[1]
+            return hit
         claims = await self._verify_signature(token)
+        # Reused until AUTH_CACHE_S passes or the token expires, whichever comes first.
+        entry = (now + min(self._verified_ttl_s, claims["exp"] + self._leeway - wall_clock()), claims)
         if self._verified_ttl_s > 0:
-            # Reused until AUTH_CACHE_S passes or the token expires, whichever comes first.
-            expires_in = claims["exp"] + self._leeway - wall_clock()
             if len(self._verified) >= VERIFIED_TOKENS_MAX:
                 self._verified.clear()
-            self._verified[token] = (now + min(self._verified_ttl_s, expires_in), claims)
-        return claims
+            self._verified[token] = entry
+        return entry
 
     async def _verify_signature(self, token: str) -> dict[str, Any]:
         try:
@@ -152,27 +156,46 @@ class TokenVerifier:
 
 
 class AccessCache:
-    """Each user's organisations and permissions, reused for a few seconds."""
+    """Each user's organisations and permissions, reused for a few seconds; and each caller worked out
+    from them (a token and the X-Org-Id it came with), reused no longer than the token and the access
+    it was worked out from."""
 
     def __init__(self, store: Store, ttl_s: float) -> None:
         self._store = store
         self._ttl_s = ttl_s
         self._entries: dict[UUID, tuple[float, list[OrgAccess]]] = {}
+        # (token, X-Org-Id) -> (monotonic deadline, caller)
+        self._callers: dict[tuple[str, str | None], tuple[float, CurrentUser]] = {}
 
     async def get(self, user_id: UUID) -> list[OrgAccess]:
+        return (await self.get_until(user_id))[1]
+
+    async def get_until(self, user_id: UUID) -> tuple[float, list[OrgAccess]]:
+        """The user's access, and the monotonic time until which it may be reused."""
         now = time.monotonic()
         hit = self._entries.get(user_id)
         if hit is not None and now - hit[0] < self._ttl_s:
-            return hit[1]
+            return hit[0] + self._ttl_s, hit[1]
         access = await self._store.user_access(user_id)
         if self._ttl_s > 0:
             if len(self._entries) >= ACCESS_CACHE_MAX_USERS:
                 self._entries.clear()
             self._entries[user_id] = (now, access)
-        return access
+        return now + self._ttl_s, access
+
+    def caller(self, token: str, org: str | None) -> CurrentUser | None:
+        hit = self._callers.get((token, org))
+        return hit[1] if hit is not None and time.monotonic() < hit[0] else None
+
+    def remember_caller(self, token: str, org: str | None, caller: CurrentUser, until: float) -> None:
+        if self._ttl_s > 0:
+            if len(self._callers) >= VERIFIED_TOKENS_MAX:
+                self._callers.clear()
+            self._callers[(token, org)] = (until, caller)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._callers.clear()
 
 
 def choose_org(memberships: list[OrgAccess], requested: str | None) -> OrgAccess:
@@ -218,9 +241,12 @@ class PermissionGuard(SecurityBase, Generic[T]):
         self.scheme_name = "HTTPBearer"
 
     async def __call__(self, request: Request) -> T:
-        headers = request.headers
-        token = bearer_token(headers.get("authorization"))
-        x_org_id = headers.get("x-org-id")
+        authorization = x_org_id = None
+        for name, value in request.scope["headers"]:  # as Headers.get: the first of each
+            if name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"x-org-id" and x_org_id is None:
+                x_org_id = value.decode("latin-1")
         if x_org_id is not None and len(x_org_id) > ORG_HEADER_MAX_LENGTH:
             # The error FastAPI gives a declared header parameter with this bound.
             raise RequestValidationError(
@@ -234,29 +260,42 @@ class PermissionGuard(SecurityBase, Generic[T]):
                     }
                 ]
             )
+        token = bearer_token(authorization)
         if token is None:
             raise NotAuthenticated("Missing bearer token")
         state = request.app.state
-        verifier: TokenVerifier = state.token_verifier
-        claims = await verifier.verify(token)
-        try:
-            user_id = UUID(str(claims["sub"]))
-        except ValueError:
-            raise NotAuthenticated("Invalid bearer token") from None
-        access_cache: AccessCache = state.access_cache
-        org = choose_org(await access_cache.get(user_id), x_org_id)
-        if self.permission not in org.permissions:
-            raise PermissionDenied(f"Your role '{org.role}' lacks the permission '{self.permission}'")
-        email = claims.get("email")
-        user = CurrentUser(
-            user_id=user_id,
-            email=email if isinstance(email, str) else None,
-            org_id=org.org_id,
-            org_slug=org.org_slug,
-            role=org.role,
-            permissions=org.permissions,
+        access: AccessCache = state.access_cache
+        user = access.caller(token, x_org_id) or await find_caller(
+            state.token_verifier, access, token, x_org_id
         )
+        if self.permission not in user.permissions:
+            raise PermissionDenied(f"Your role '{user.role}' lacks the permission '{self.permission}'")
         return self.bind(user, request)
+
+
+async def find_caller(
+    verifier: TokenVerifier, access: AccessCache, token: str, org: str | None
+) -> CurrentUser:
+    """Who the token's holder is in the organisation they chose (any organisation they are in)."""
+    token_until, claims = await verifier.verify_until(token)
+    try:
+        user_id = UUID(str(claims["sub"]))
+    except ValueError:
+        raise NotAuthenticated("Invalid bearer token") from None
+    access_until, memberships = await access.get_until(user_id)
+    chosen = choose_org(memberships, org)
+    email = claims.get("email")
+    caller = CurrentUser(
+        user_id=user_id,
+        email=email if isinstance(email, str) else None,
+        org_id=chosen.org_id,
+        org_slug=chosen.org_slug,
+        role=chosen.role,
+        permissions=chosen.permissions,
+    )
+    # Never reused past either window: a revoked token or permission acts for AUTH_CACHE_S at most.
+    access.remember_caller(token, org, caller, min(token_until, access_until))
+    return caller
 
 
 def document_org_header(schema: dict[str, Any]) -> dict[str, Any]:

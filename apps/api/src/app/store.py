@@ -163,30 +163,42 @@ class Checkout:
     """`async with store._connection() as conn`: a pooled connection for one operation; a database that
     cannot answer becomes DatabaseUnavailable (503) and a rule the SQL enforces a domain error.
 
-    A class rather than `@asynccontextmanager` generators, and `asyncio.timeout` rather than
-    `acquire(timeout=)` (which waits in a task of its own): every request passes here, and those cost
-    ~15 µs of it (benchmarks/README.md)."""
+    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S, but the timer is only set when there
+    can be a wait: every checkout of the store's pool is counted here, so while there are no more of
+    them than connections one is free and `acquire` returns at once (or connects, which the pool's
+    connect timeout bounds). A timer on every request was ~12 µs of it, and `@asynccontextmanager`
+    generators a few more (benchmarks/README.md)."""
 
-    __slots__ = ("_pool", "_timeout_s", "_conn")
+    __slots__ = ("_store", "_conn")
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
-        self._pool = pool
-        self._timeout_s = timeout_s
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
 
     async def __aenter__(self) -> PoolConnectionProxy[asyncpg.Record]:
+        store = self._store
+        store._checkouts += 1
         try:
-            async with asyncio.timeout(self._timeout_s):
-                self._conn: PoolConnectionProxy[asyncpg.Record] = await self._pool.acquire()
-        except UNAVAILABLE_ERRORS as exc:
-            raise as_unavailable(exc) from exc
+            if store._checkouts <= store._pool_size:
+                self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
+            else:
+                async with asyncio.timeout(store._acquire_timeout_s):
+                    self._conn = await store._pool.acquire()
+        except BaseException as exc:
+            store._checkouts -= 1
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                raise as_unavailable(exc) from exc
+            raise
         return self._conn
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        store = self._store
         try:
-            await self._pool.release(self._conn)
+            await store._pool.release(self._conn)
         except UNAVAILABLE_ERRORS as release_error:
             if exc is None:
                 raise as_unavailable(release_error) from release_error
+        finally:
+            store._checkouts -= 1
         if isinstance(exc, UNAVAILABLE_ERRORS):
             raise as_unavailable(exc) from exc
         if isinstance(exc, asyncpg.PostgresError):
@@ -200,11 +212,13 @@ class Checkout:
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float, migrations: Sequence[str]) -> None:
         self._pool = pool
+        self._pool_size = pool.get_max_size()
+        self._checkouts = 0  # connections taken or being waited for, through Checkout (the only way)
         self._acquire_timeout_s = acquire_timeout_s
         self._migrations = list(migrations)
 
     def _connection(self) -> Checkout:
-        return Checkout(self._pool, self._acquire_timeout_s)
+        return Checkout(self)
 
     async def user_access(self, user_id: UUID) -> list[OrgAccess]:
         async with self._connection() as conn:
