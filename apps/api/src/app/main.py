@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.auth import AccessCache, TokenVerifier, document_org_header
 from app.background import collection_manager, collection_startup_recovery
 from app.config import Settings, StoreMode, get_settings
-from app.database import create_pool
+from app.database import create_pool, statement_limit_s
 from app.errors import CollectionError
 from app.migrate import migrations
 from app.observability import Metrics, RequestContextMiddleware
@@ -100,7 +100,9 @@ async def open_store(settings: Settings) -> Store:
         "store: Postgres through asyncpg (%s)",
         "transaction pooler" if settings.uses_transaction_pooler else "direct connection",
     )
-    return PostgresStore(await create_pool(settings), settings.db_acquire_timeout_s, versions)
+    return PostgresStore(
+        await create_pool(settings), settings.db_acquire_timeout_s, versions, statement_limit_s(settings)
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -28,17 +28,24 @@ access_logger = logging.getLogger("app.access")
 # A caller's own id is kept when it looks like an id; anything else is replaced.
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-API_SECURITY_HEADERS = [
+SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-opener-policy", b"same-origin"),
-]
+)
 # The admin console's pages: everything from our own origin, nothing inline.
 CONSOLE_CSP = (
     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
+# Added to every response: the API's are never cached; the console's pages are held to their CSP.
+API_HEADERS = (*SECURITY_HEADERS, (b"cache-control", b"no-store"))
+CONSOLE_HEADERS = (*SECURITY_HEADERS, (b"content-security-policy", CONSOLE_CSP))
+DOCS_HEADERS = SECURITY_HEADERS
+
+
+PENDING_OBSERVATIONS = 256
 
 
 class Metrics:
@@ -73,6 +80,26 @@ class Metrics:
             ["source", "error_class"],
             registry=self.registry,
         )
+        # Request latencies wait here and go into the histogram together: its children take a lock
+        # per bucket and per sum, a few µs of every request one at a time. Scrapes flush first.
+        self._pending: list[tuple[str, str, int, float]] = []
+        self._latency: dict[tuple[str, str, int], Any] = {}
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        pending = self._pending
+        pending.append((method, route, status, seconds))
+        if len(pending) >= PENDING_OBSERVATIONS:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        latency = self._latency
+        for method, route, status, seconds in pending:
+            key = (method, route, status)
+            child = latency.get(key)
+            if child is None:
+                child = latency[key] = self.request_seconds.labels(method, route, str(status))
+            child.observe(seconds)
 
 
 class RequestContextMiddleware:
@@ -81,39 +108,52 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self._too_large = f"Request body larger than {max_body_bytes} bytes"
-        # Each (method, route, status)'s histogram child, found once rather than per request.
-        self._latency: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id, declared_length = _request_headers(scope["headers"])
+        started = time.perf_counter()
+        request_id, declared_length, chunked = _request_headers(scope["headers"])
         request_id = request_id or next_request_id()
         reset = request_id_var.set(request_id)
-        started = time.perf_counter()
-        status = 500
         path: str = scope["path"]
-        console = path == "/admin" or path.startswith("/admin/")
+        added = [(b"x-request-id", request_id.encode()), *_response_headers(path)]
+        status = 500
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                headers.extend(API_SECURITY_HEADERS)
-                if console:
-                    headers.append((b"content-security-policy", CONSOLE_CSP))
-                elif not path.startswith(("/docs", "/redoc", "/openapi.json")):
-                    headers.append((b"cache-control", b"no-store"))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", ()), *added]
             await send(message)
 
+        try:
+            if declared_length > self.max_body_bytes:
+                # Refused before reading a byte of it, in the API's JSON error shape.
+                body = {"detail": self._too_large, "error": "payload_too_large"}
+                await _send_json(send_with_headers, 413, body)
+            elif chunked:
+                # A body sent without a length is counted as it arrives; one with a length cannot
+                # run past it (the HTTP server frames it), so needs no counting.
+                await self.app(scope, self._within_limit(receive), send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method: str = scope["method"]
+            self.metrics.observe_request(method, template, status, elapsed)
+            if access_logger.isEnabledFor(logging.INFO):
+                client = (scope.get("client") or ("-",))[0]
+                access_log(method, path, template, status, elapsed, client, request_id)
+            request_id_var.reset(reset)
+
+    def _within_limit(self, receive: Receive) -> Receive:
         received = 0
 
         async def receive_within_limit() -> Message:
-            # Bodies sent without a length (chunked) are counted as they arrive.
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -122,35 +162,23 @@ class RequestContextMiddleware:
                     raise HTTPException(413, self._too_large)
             return message
 
-        try:
-            if declared_length > self.max_body_bytes:
-                # Refused before reading a byte of it, in the API's JSON error shape.
-                body = {"detail": self._too_large, "error": "payload_too_large"}
-                await _send_json(send_with_headers, 413, body)
-            else:
-                await self.app(scope, receive_within_limit, send_with_headers)
-        finally:
-            elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method: str = scope["method"]
-            key = (method, template, status)
-            latency = self._latency.get(key)
-            if latency is None:
-                latency = self._latency[key] = self.metrics.request_seconds.labels(
-                    method, template, str(status)
-                )
-            latency.observe(elapsed)
-            if access_logger.isEnabledFor(logging.INFO):
-                client = (scope.get("client") or ("-",))[0]
-                access_log(method, path, template, status, elapsed, client, request_id)
-            request_id_var.reset(reset)
+        return receive_within_limit
 
 
-def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int]:
-    """The caller's request id (if it looks like one) and the declared body length, in one pass."""
+def _response_headers(path: str) -> tuple[tuple[bytes, bytes], ...]:
+    if path == "/admin" or path.startswith("/admin/"):
+        return CONSOLE_HEADERS
+    if path.startswith(("/docs", "/redoc", "/openapi.json")):
+        return DOCS_HEADERS
+    return API_HEADERS
+
+
+def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int, bool]:
+    """The caller's request id (if it looks like one), the declared body length and whether the body
+    comes chunked, in one pass."""
     request_id: str | None = None
     length = 0
+    chunked = False
     for name, value in headers:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
@@ -160,7 +188,9 @@ def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, in
                 length = int(value)
             except ValueError:
                 length = 0
-    return request_id, length
+        elif name == b"transfer-encoding":
+            chunked = True
+    return request_id, length, chunked
 
 
 # Request ids: this process's random prefix and a counter, unique like a uuid4 and ~10x cheaper.

@@ -163,11 +163,14 @@ class Checkout:
     """`async with store._connection() as conn`: a pooled connection for one operation; a database that
     cannot answer becomes DatabaseUnavailable (503) and a rule the SQL enforces a domain error.
 
-    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S, but the timer is only set when there
-    can be a wait: every checkout of the store's pool is counted here, so while there are no more of
-    them than connections one is free and `acquire` returns at once (or connects, which the pool's
-    connect timeout bounds). A timer on every request was ~12 µs of it, and `@asynccontextmanager`
-    generators a few more (benchmarks/README.md)."""
+    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S, with a timer only where nothing else
+    bounds it. Every checkout of the store's pool is counted here, and each runs one statement, which
+    the statement timeout ends. While there are no more checkouts than connections one is free, so
+    `acquire` returns at once (or connects, within the pool's connect timeout); while there are fewer
+    than twice as many, those waiting ahead are fewer than the connections, which all come back
+    within one statement timeout: when that is no longer than the acquire timeout, the wait is
+    bounded already. A timer on every request cost ~12 µs of it under load, and the
+    `@asynccontextmanager` generators this replaces a few more (benchmarks/README.md)."""
 
     __slots__ = ("_store", "_conn")
 
@@ -178,7 +181,7 @@ class Checkout:
         store = self._store
         store._checkouts += 1
         try:
-            if store._checkouts <= store._pool_size:
+            if store._checkouts <= store._untimed_checkouts:
                 self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
             else:
                 async with asyncio.timeout(store._acquire_timeout_s):
@@ -210,11 +213,19 @@ class Checkout:
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float, migrations: Sequence[str]) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        acquire_timeout_s: float,
+        migrations: Sequence[str],
+        statement_timeout_s: float = float("inf"),
+    ) -> None:
         self._pool = pool
         self._pool_size = pool.get_max_size()
         self._checkouts = 0  # connections taken or being waited for, through Checkout (the only way)
         self._acquire_timeout_s = acquire_timeout_s
+        # Up to how many checkouts a wait for a connection needs no timer of its own (see Checkout).
+        self._untimed_checkouts = self._pool_size * (2 if statement_timeout_s <= acquire_timeout_s else 1)
         self._migrations = list(migrations)
 
     def _connection(self) -> Checkout:

@@ -51,4 +51,5 @@ async def metrics(request: Request) -> Response:
     if counts is not None:
         for status in ("pending", "running", "paused", "completed", "failed", "cancelled"):
             registry.runs.labels(status).set(counts.get(status, 0))
+    registry.flush()  # the request latencies not yet in the histogram
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
