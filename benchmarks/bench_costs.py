@@ -15,17 +15,18 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
 import httpx
 import jwt
 from common import load_average, log, table  # noqa: I001  (common puts apps/api/src on sys.path)
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
 
 from app.auth import CurrentUser
 from app.models import CollectionRunResponse
+from app.routers.collection import AdminCall
 
 ROUND_TRIP_REQUESTS = 100
 ANATOMY_ROUNDS = 10
@@ -288,16 +289,9 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
     # router so that finding them costs the same.
     constant = CurrentUser(ctx.bench.user_id, None, org, "bench", "admin", frozenset({"admin.automation"}))
 
-    async def fixed_user() -> CurrentUser:
-        return constant
-
-    async def fixed_user_route(
-        run_id: str, user: Annotated[CurrentUser, Depends(fixed_user)], service: collection_routes.Service
-    ) -> CollectionRunResponse:
-        return await service.get_run(user.org_id, run_id)
-
-    async def without_dependencies(run_id: str, request: Request) -> CollectionRunResponse:
-        return await request.app.state.service.get_run(org, run_id)  # type: ignore[no-any-return]
+    async def without_guard(run_id: str, request: Request) -> CollectionRunResponse:
+        admin = AdminCall(constant, request.app.state.service)
+        return await admin.service.get_run(admin.org_id, run_id)
 
     async def without_response_model(run_id: str, request: Request) -> Response:
         run = await request.app.state.service.get_run(org, run_id)
@@ -311,8 +305,7 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
 
     router = collection_routes.router
     probes = [
-        ("/runs-probe/u/{run_id}", fixed_user_route, CollectionRunResponse),
-        ("/runs-probe/a/{run_id}", without_dependencies, CollectionRunResponse),
+        ("/runs-probe/a/{run_id}", without_guard, CollectionRunResponse),
         ("/runs-probe/b/{run_id}", without_response_model, None),
         ("/runs-probe/c/{run_id}", raw_sql, None),
     ]
@@ -346,8 +339,7 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
         ("GET /runs/{id} as served", served, path, True),
         ("- the access log line", served, path, False),
         ("- RequestContextMiddleware (request id, headers, metrics)", lean, path, False),
-        ("- token check, permission (both cached), HTTPBearer + X-Org-Id", lean, f"{base}/u/{run_id}", False),
-        ("- FastAPI dependencies (a user, the service)", lean, f"{base}/a/{run_id}", False),
+        ("- the permission guard (token, caller, permission: cached)", lean, f"{base}/a/{run_id}", False),
         ("- response_model validation + serialisation", lean, f"{base}/b/{run_id}", False),
         (
             "- service, store, model_validate (raw pool.fetchrow + json.dumps)",
@@ -355,7 +347,7 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
             f"{base}/c/{run_id}",
             False,
         ),
-        ("- our app's routers (include_router) = the bare app", bare_app, path, False),
+        ("- our app's other routes and handlers = the bare app", bare_app, path, False),
     ]
     best = {label: float("inf") for label, *_ in plan}
     try:

@@ -876,3 +876,62 @@ class TestAccessCache:
         assert_forbidden(await cached_app.client.get(RUNS, headers=other.headers))
         await create_run(cached_app.client, admin)
         assert await run_count(db) == 1
+
+
+class TestTheGuardComesFirst:
+    """GuardedRoute calls the permission guard before FastAPI reads the body or checks a parameter."""
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("POST", RUNS, {"category_ids": 5}),
+            ("POST", "/collection/estimate", {"category_ids": "not a list"}),
+            ("GET", RUNS + "?limit=0", None),
+            ("PATCH", "/collection/settings", {"budget_cap_cents": -1}),
+        ],
+    )
+    async def test_a_caller_without_a_token_learns_nothing_but_401(
+        self, client: httpx.AsyncClient, world: World, db, method: str, path: str, body: Any
+    ) -> None:
+        refused = await client.request(method, path, json=body)
+        assert refused.status_code == 401, refused.text
+        admin = await world.admin()
+        judged = await client.request(method, path, json=body, headers=admin.headers)
+        assert judged.status_code == 422, judged.text
+        assert await run_count(db) == 0
+
+    async def test_an_over_long_org_header_is_422_like_a_declared_header(
+        self, client: httpx.AsyncClient, world: World, db
+    ) -> None:
+        admin = await world.admin()
+        for headers in ({"X-Org-Id": "x" * 65}, {**admin.headers, "X-Org-Id": "x" * 65}):
+            response = await client.post(RUNS, json={"category_ids": ["a"]}, headers=headers)
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"][0]["loc"] == ["header", "X-Org-Id"]
+        assert await run_count(db) == 0
+
+    async def test_concurrent_callers_each_get_their_own_organisation(
+        self, client: httpx.AsyncClient, world: World
+    ) -> None:
+        acme, globex = await world.admin("acme"), await world.admin("globex")
+        runs = {actor.org_id: (await create_run(client, actor))["id"] for actor in (acme, globex)}
+        responses = await asyncio.gather(
+            *(client.get(RUNS, headers=actor.headers) for actor in [acme, globex] * 20)
+        )
+        for actor, response in zip([acme, globex] * 20, responses, strict=True):
+            assert [r["id"] for r in response.json()["runs"]] == [runs[actor.org_id]]
+
+    async def test_every_guarded_operation_documents_the_bearer_token_and_org_header(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        schema = (await client.get("/openapi.json")).json()
+        assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        operations = [
+            (path, operation) for path, item in schema["paths"].items() for operation in item.values()
+        ]
+        for path, operation in operations:
+            guarded = path.startswith("/collection/")
+            assert (operation.get("security") == [{"HTTPBearer": []}]) is guarded, path
+            names = [p["name"] for p in operation.get("parameters", [])]
+            assert (names.count("X-Org-Id") == 1) is guarded, path
+            assert ("422" in operation["responses"]) is (guarded or bool(names)), path

@@ -60,3 +60,72 @@ class TestSlowDatabase:
             assert pool.get_size() <= 4
             assert pool.get_idle_size() == pool.get_size()
             assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
+
+
+@pytest.fixture
+async def small_pool_app(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    # Statements may run 5 s, longer than the 0.5 s a request waits for a connection: a wait behind
+    # the two connections is bounded by nothing but the acquire timeout.
+    settings = make_settings(
+        migrated_dsn, tmp_path, db_statement_timeout_ms=5000, db_pool_max_size=2, db_acquire_timeout_s=0.5
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+class TestWaitingForAConnection:
+    async def test_a_wait_nothing_else_bounds_ends_in_503_after_the_acquire_timeout(
+        self, small_pool_app: FastAPI, world: World
+    ) -> None:
+        admin = await world.admin()
+        store = small_pool_app.state.store
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with store._connection():
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=small_pool_app), base_url="http://t"
+        ) as client:
+            started = time.monotonic()
+            waited = await client.get("/collection/settings", headers=admin.headers)
+            elapsed = time.monotonic() - started
+            assert waited.status_code == 503, waited.text
+            assert waited.json()["error"] == "database_unavailable"
+            assert 0.4 < elapsed < 2.0
+            release.set()
+            await asyncio.gather(*holders)
+            assert store._checkouts == 0
+            assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
+
+    async def test_checkouts_are_counted_back_after_cancelled_waits_and_failed_statements(
+        self, small_pool_app: FastAPI, world: World
+    ) -> None:
+        admin = await world.admin()
+        store = small_pool_app.state.store
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with store._connection():
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(store.get_settings(admin.org_id))
+        await asyncio.sleep(0.1)
+        assert store._checkouts == 3
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        await asyncio.gather(*holders)
+        with pytest.raises(asyncpg.PostgresError):
+            async with store._connection() as conn:
+                await conn.execute("select 1/0")
+        assert store._checkouts == 0
+        pool = store._pool
+        assert pool.get_idle_size() == pool.get_size()

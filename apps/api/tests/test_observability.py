@@ -3,14 +3,19 @@ Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from app import observability
 from app.main import create_app
 from conftest import World, create_run, make_settings
 
@@ -50,6 +55,87 @@ class TestAccessLog:
         assert "not.a.token" not in everything
 
 
+@pytest.fixture
+def served_log() -> Iterator[io.StringIO]:
+    """The logging `collection-api serve` sets up, writing into a string; put back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, observability._access_writer
+    stream = io.StringIO()
+    yield stream
+    root.handlers[:], level, observability._access_writer = saved
+    root.setLevel(level)
+
+
+LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def logfmt_fields(line: str) -> dict[str, str]:
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in LOGFMT_FIELD.findall(line)}
+
+
+class TestServedAccessLines:
+    async def test_one_logfmt_line_per_request_with_its_request_id_and_no_token(
+        self, client: httpx.AsyncClient, world: World, served_log: io.StringIO
+    ) -> None:
+        observability.configure_logging("INFO", "text", served_log)
+        admin = await world.admin()
+        listed = await client.get("/collection/runs?limit=5", headers=admin.headers)
+        # A percent-encoded line break and quote in the path: the caller's, and decoded by then.
+        forged = await client.get("/collection/x%0A2026 INFO app.access forged=%22yes", headers=admin.headers)
+        await asyncio.sleep(observability.ACCESS_FLUSH_S * 3)
+        lines = served_log.getvalue().splitlines()
+        assert len(lines) == 2, lines
+        first, second = (logfmt_fields(line) for line in lines)
+        assert lines[0].split()[2:4] == ["INFO", "app.access"]
+        assert first["route"] == "/collection/runs" and first["status"] == "200"
+        assert first["method"] == "GET" and float(first["duration_ms"]) >= 0
+        assert first["request_id"] == listed.headers["x-request-id"]
+        assert second["path"] == '/collection/x\n2026 INFO app.access forged="yes'
+        assert second["status"] == "404" and second["request_id"] == forged.headers["x-request-id"]
+        assert admin.token not in served_log.getvalue()
+
+    async def test_json_lines_carry_the_same_fields(
+        self, client: httpx.AsyncClient, world: World, served_log: io.StringIO
+    ) -> None:
+        observability.configure_logging("INFO", "json", served_log)
+        admin = await world.admin()
+        response = await client.get("/collection/settings", headers=admin.headers)
+        await asyncio.sleep(observability.ACCESS_FLUSH_S * 3)
+        [line] = served_log.getvalue().splitlines()
+        entry = json.loads(line)
+        assert entry["logger"] == "app.access" and entry["level"] == "INFO"
+        assert entry["route"] == "/collection/settings" and entry["status"] == 200
+        assert entry["request_id"] == response.headers["x-request-id"]
+
+    async def test_access_lines_come_out_before_any_later_line_and_at_once_when_many(
+        self,
+        client: httpx.AsyncClient,
+        world: World,
+        served_log: io.StringIO,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        observability.configure_logging("INFO", "text", served_log)
+        await client.get("/healthz")
+        logging.getLogger("app.test").warning("a later line")
+        lines = served_log.getvalue().splitlines()
+        assert [("route=/healthz" in lines[0]), ("a later line" in lines[1])] == [True, True]
+
+        monkeypatch.setattr(observability, "ACCESS_FLUSH_S", 3600.0)
+        monkeypatch.setattr(observability, "ACCESS_BUFFER_LINES", 3)
+        before = len(served_log.getvalue().splitlines())
+        for _ in range(3):
+            await client.get("/healthz")
+        assert len(served_log.getvalue().splitlines()) == before + 3  # written without waiting
+
+    async def test_below_info_there_are_no_access_lines(
+        self, client: httpx.AsyncClient, served_log: io.StringIO
+    ) -> None:
+        observability.configure_logging("WARNING", "text", served_log)
+        await client.get("/healthz")
+        await asyncio.sleep(observability.ACCESS_FLUSH_S * 3)
+        assert served_log.getvalue() == ""
+
+
 class TestHeaders:
     async def test_api_responses_carry_security_headers_and_are_not_cached(
         self, client: httpx.AsyncClient
@@ -58,8 +144,18 @@ class TestHeaders:
         assert response.status_code == 401
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["x-frame-options"] == "DENY"
-        assert response.headers["referrer-policy"] == "no-referrer"
         assert response.headers["cache-control"] == "no-store"
+
+    @pytest.mark.parametrize("path", ["/docs", "/admin/"])
+    async def test_html_pages_also_keep_their_referrer_and_window(
+        self, client: httpx.AsyncClient, path: str
+    ) -> None:
+        response = await client.get(path)
+        assert response.status_code == 200
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["cross-origin-opener-policy"] == "same-origin"
 
 
 class TestBodyLimits:

@@ -16,18 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from time import time as wall_clock  # for `exp`; `time.monotonic` measures the cache windows
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
 import jwt
 from fastapi import Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
-from fastapi.security.base import SecurityBase
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
 from app.config import Settings
 from app.errors import NotAuthenticated, OrganisationRequired, PermissionDenied
@@ -219,28 +220,25 @@ def choose_org(memberships: list[OrgAccess], requested: str | None) -> OrgAccess
 
 ORG_HEADER = "X-Org-Id"
 ORG_HEADER_MAX_LENGTH = 64
+BEARER_SCHEME = "HTTPBearer"
 T = TypeVar("T")
+Guard = Callable[[Request], Awaitable[T]]
+GUARDS: set[Callable[..., Any]] = set()  # every guard made, so the OpenAPI schema can find them
 
 
-class PermissionGuard(SecurityBase, Generic[T]):
+def permission_guard(permission: str, bind: Callable[[CurrentUser, Request], T]) -> Guard[T]:
     """Dependency: the verified caller, in the org they chose, holding `permission` there, handed to
-    `bind` with the request (so an endpoint can get what it needs beside the caller from this one
+    `bind` with the request (so an endpoint gets what it needs beside the caller from this one
     dependency).
 
-    It reads the bearer token and `X-Org-Id` itself, where `HTTPBearer` and `Header` would be
-    dependencies and parameters of their own: FastAPI resolves and validates each one on every request,
-    and together they cost more than the token and permission checks (benchmarks/README.md). It is a
-    security scheme (`SecurityBase` with the model `HTTPBearer` declares), so the OpenAPI schema still
-    names the bearer token on every operation behind it; `document_org_header` adds the header.
+    A plain function that reads the bearer token and `X-Org-Id` itself. `HTTPBearer` and a `Header`
+    parameter would be a dependency and a parameter of their own, and a `SecurityBase` instance is
+    dearer for FastAPI to resolve than a function: FastAPI works each of them out on every request,
+    and together they cost more than the token and permission checks (benchmarks/README.md). The
+    OpenAPI schema gets the bearer scheme and the header from `document_guarded_operations`.
     """
 
-    def __init__(self, permission: str, bind: Callable[[CurrentUser, Request], T]) -> None:
-        self.permission = permission
-        self.bind = bind
-        self.model = HTTPBearerModel(description="A Supabase access token (`make token` locally)")
-        self.scheme_name = "HTTPBearer"
-
-    async def __call__(self, request: Request) -> T:
+    async def guard(request: Request) -> T:
         authorization = x_org_id = None
         for name, value in request.scope["headers"]:  # as Headers.get: the first of each
             if name == b"authorization" and authorization is None:
@@ -268,9 +266,12 @@ class PermissionGuard(SecurityBase, Generic[T]):
         user = access.caller(token, x_org_id) or await find_caller(
             state.token_verifier, access, token, x_org_id
         )
-        if self.permission not in user.permissions:
-            raise PermissionDenied(f"Your role '{user.role}' lacks the permission '{self.permission}'")
-        return self.bind(user, request)
+        if permission not in user.permissions:
+            raise PermissionDenied(f"Your role '{user.role}' lacks the permission '{permission}'")
+        return bind(user, request)
+
+    GUARDS.add(guard)
+    return guard
 
 
 async def find_caller(
@@ -298,9 +299,16 @@ async def find_caller(
     return caller
 
 
-def document_org_header(schema: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI schema with `X-Org-Id` (and its 422) on every operation behind a PermissionGuard, as
-    FastAPI would write them for a declared header parameter."""
+def document_guarded_operations(routes: Sequence[BaseRoute], schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema with what a permission guard reads itself, on every operation behind one:
+    the bearer token scheme, and `X-Org-Id` (with its 422), as FastAPI writes them for `HTTPBearer`
+    and a declared header parameter."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER_SCHEME] = {
+        "type": "http",
+        "description": "A Supabase access token (`make token` locally)",
+        "scheme": "bearer",
+    }
     description = "Organisation id or slug; needed only by users in several organisations"
     parameter = {
         "name": ORG_HEADER,
@@ -317,15 +325,27 @@ def document_org_header(schema: dict[str, Any]) -> dict[str, Any]:
         "description": "Validation Error",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
     }
-    for path_item in schema.get("paths", {}).values():
-        for operation in path_item.values():
-            if {"HTTPBearer": []} not in operation.get("security", []):
-                continue
+    for route in routes:
+        if not (isinstance(route, APIRoute) and route.include_in_schema and _guarded(route)):
+            continue
+        for method in route.methods or ():
+            operation = schema["paths"][route.path_format][method.lower()]
+            if {BEARER_SCHEME: []} not in operation.setdefault("security", []):
+                operation["security"].append({BEARER_SCHEME: []})
             parameters = operation.setdefault("parameters", [])
             if all(p.get("name") != ORG_HEADER for p in parameters):
                 parameters.append(parameter)
             operation.setdefault("responses", {}).setdefault("422", invalid)
     return schema
+
+
+def _guarded(route: APIRoute) -> bool:
+    # A GuardedRoute calls its guard itself; elsewhere a guard is a dependency, however deep.
+    return getattr(route, "guard", None) is not None or _depends_on_guard(route.dependant)
+
+
+def _depends_on_guard(dependant: Dependant) -> bool:
+    return any(d.call in GUARDS or _depends_on_guard(d) for d in dependant.dependencies)
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -338,6 +358,6 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if token and scheme.lower() == "bearer" else None
 
 
-def require_permission_key(permission: str) -> PermissionGuard[CurrentUser]:
+def require_permission_key(permission: str) -> Guard[CurrentUser]:
     """Dependency: the verified caller, in the org they chose, holding `permission` there."""
-    return PermissionGuard(permission, lambda user, _request: user)
+    return permission_guard(permission, lambda user, _request: user)

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.auth import AccessCache, TokenVerifier, document_org_header
+from app.auth import AccessCache, TokenVerifier, document_guarded_operations
 from app.background import collection_manager, collection_startup_recovery
 from app.config import Settings, StoreMode, get_settings
 from app.database import create_pool, statement_limit_s
@@ -168,7 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (collection_router.router, health_router.router, admin_router.router):
         add_routes(app, router)
     build_openapi = app.openapi
-    app.openapi = lambda: document_org_header(build_openapi())  # type: ignore[method-assign]
+    app.openapi = lambda: document_guarded_operations(app.routes, build_openapi())  # type: ignore[method-assign]
     return app
 
 

@@ -10,7 +10,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app.auth import CurrentUser, PermissionGuard
+from app.auth import CurrentUser, permission_guard
 from app.models import (
     CollectionRunCreate,
     CollectionRunListResponse,
@@ -28,6 +28,7 @@ from app.models import (
     RunTransitionResponse,
     SellerListResponse,
 )
+from app.routing import GuardedRoute
 from app.services.collection import CollectionService
 
 
@@ -50,7 +51,7 @@ def admin_call(user: CurrentUser, request: Request) -> AdminCall:
     return AdminCall(user, request.app.state.service)
 
 
-Admin = Annotated[AdminCall, Depends(PermissionGuard("admin.automation", admin_call))]
+Admin = Annotated[AdminCall, Depends(permission_guard("admin.automation", admin_call))]
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {
@@ -70,25 +71,10 @@ TRANSITION_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Transition not allowed from the run's status"},
 }
 
-router = APIRouter(prefix="/collection", tags=["collection"], responses=AUTH_RESPONSES)
-
-
-@router.get("/settings", response_model=CollectionSettingsResponse)
-async def get_settings(admin: Admin) -> CollectionSettingsResponse:
-    """The organisation's collection settings (created with defaults on first read)."""
-    return await admin.service.get_settings(admin.org_id)
-
-
-@router.patch("/settings", response_model=CollectionSettingsResponse)
-async def update_settings(update: CollectionSettingsUpdate, admin: Admin) -> CollectionSettingsResponse:
-    """Change some of the organisation's settings; fields left out stay as they are."""
-    return await admin.service.update_settings(admin.org_id, update)
-
-
-@router.post("/estimate", response_model=CostEstimate)
-async def estimate(request: EstimateRequest, admin: Admin) -> CostEstimate:
-    """What a run over these categories would cost, against the organisation's budget."""
-    return await admin.service.estimate_cost(admin.org_id, request.category_ids)
+# Runs first: routes are matched in the order they are declared, and runs carry the traffic.
+router = APIRouter(
+    prefix="/collection", tags=["collection"], responses=AUTH_RESPONSES, route_class=GuardedRoute
+)
 
 
 @router.post(
@@ -169,6 +155,24 @@ async def list_run_items(
 ) -> RunItemListResponse:
     """The run's products in order (category, then best-seller rank), optionally by status."""
     return await admin.service.list_items(admin.org_id, run_id, status, limit, offset)
+
+
+@router.get("/settings", response_model=CollectionSettingsResponse)
+async def get_settings(admin: Admin) -> CollectionSettingsResponse:
+    """The organisation's collection settings (created with defaults on first read)."""
+    return await admin.service.get_settings(admin.org_id)
+
+
+@router.patch("/settings", response_model=CollectionSettingsResponse)
+async def update_settings(update: CollectionSettingsUpdate, admin: Admin) -> CollectionSettingsResponse:
+    """Change some of the organisation's settings; fields left out stay as they are."""
+    return await admin.service.update_settings(admin.org_id, update)
+
+
+@router.post("/estimate", response_model=CostEstimate)
+async def estimate(request: EstimateRequest, admin: Admin) -> CostEstimate:
+    """What a run over these categories would cost, against the organisation's budget."""
+    return await admin.service.estimate_cost(admin.org_id, request.category_ids)
 
 
 @router.get("/sellers", response_model=SellerListResponse)
