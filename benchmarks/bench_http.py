@@ -147,7 +147,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "aims": aims(rows),
         "duration_s": DURATION,
         "warmup_s": WARMUP,
-        "baseline": "the API with run.UNDO applied" if os.environ.get("BENCH_BASELINE") == "1" else None,
+        "baseline": f"the API at git {os.environ['BENCH_BASELINE']}" if os.environ.get("BENCH_BASELINE") else None,
     }
 
 
@@ -225,7 +225,7 @@ def tables(result: dict[str, Any]) -> str:
                     for r in result["rows"]
                     if "baseline" in r
                 ],  # fmt: skip
-                "Part 1: our API before (run.UNDO: sync get_service, pool reset query, no token reuse) and after",
+                f"Part 1: our API before ({result.get('baseline')}) and as it is",
             )
         )
     if any("rest" in r for r in result["rows"]):

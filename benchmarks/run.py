@@ -4,7 +4,7 @@
 
 Environment: BENCH_DURATION (s per load point, default 5), BENCH_WARMUP (1), BENCH_TABLE_ROWS
 (1,000,000), BENCH_ORG_ROWS (100,000), BENCH_KEEP_DATA=1 keeps benchmarks/results/tmp/data,
-BENCH_BASELINE=1 also measures the API with this work's request-path changes undone (UNDO below).
+BENCH_BASELINE=<git ref> also measures the API as it was at that commit (a before/after in one run).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -80,15 +81,6 @@ class Context:
         return proc
 
 
-# The three request-path changes of this bench work, undone in a copy of apps/api/src for a
-# before/after (BENCH_BASELINE=1): each pair is (as the code is now, as it was).
-UNDO = [
-    ("routers/collection.py", "async def get_service(request: Request)", "def get_service(request: Request)"),
-    ("database.py", "        reset=_keep_session,\n", ""),
-    ("auth.py", "self._verified_ttl_s = settings.auth_cache_s", "self._verified_ttl_s = 0.0"),
-]
-
-
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     import socket
 
@@ -133,21 +125,21 @@ def rest_servers(pg: BenchPostgres, secret: str) -> tuple[Proc, Proc]:
     return bridge, rest
 
 
-def baseline_server(pg: BenchPostgres) -> Proc:
-    """The API with UNDO applied: the thread-pool hop for get_service, asyncpg's reset query on every
-    release, and a signature check on every request, as before."""
+def baseline_server(pg: BenchPostgres, ref: str) -> Proc:
+    """The API as it was at git `ref` (BENCH_BASELINE=<commit>), on the same database and migrations:
+    a before/after of request-path work in one run."""
     target = TMP / "baseline"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(REPO / "apps" / "api" / "src", target, ignore=shutil.ignore_patterns("__pycache__"))
-    for name, now, before in UNDO:
-        path = target / "app" / name
-        text = path.read_text()
-        if text.count(now) != 1:
-            raise RuntimeError(f"cannot undo in {name}: {now!r} not found once (the code moved on)")
-        path.write_text(text.replace(now, before))
+    target.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", ref, "apps/api/src"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
     proc = api_server(pg, "api-baseline")
     proc.cmd = [sys.executable, "-m", "app.cli", "serve"]
-    proc.env["PYTHONPATH"] = str(target)
+    proc.env["PYTHONPATH"] = str(target / "apps" / "api" / "src")
     proc.env["SUPABASE_DIR"] = str(REPO / "supabase")  # the copy has no repository around it
     return proc
 
@@ -241,8 +233,8 @@ def main(argv: list[str]) -> int:
             ctx.procs.append(bridge.start())
             wait_for_port(bridge.port)
             ctx.rest = ctx.start(rest)
-            if os.environ.get("BENCH_BASELINE") == "1":
-                ctx.baseline = ctx.start(baseline_server(ctx.pg))
+            if os.environ.get("BENCH_BASELINE"):
+                ctx.baseline = ctx.start(baseline_server(ctx.pg, os.environ["BENCH_BASELINE"]))
             write_json("http", bench_http.run(ctx))
             ctx.bare.stop()
             ctx.rest.stop()
