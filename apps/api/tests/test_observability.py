@@ -28,6 +28,8 @@ class TestRequestIds:
         first = await client.get("/collection/settings", headers=admin.headers)
         second = await client.get("/collection/settings", headers=admin.headers)
         assert first.headers["x-request-id"] != second.headers["x-request-id"]
+        # Random, not a counter: ids say nothing about how many requests came between.
+        assert abs(int(first.headers["x-request-id"], 16) - int(second.headers["x-request-id"], 16)) > 2**64
         kept = await client.get("/healthz", headers={"X-Request-Id": "trace-123.abc"})
         assert kept.headers["x-request-id"] == "trace-123.abc"
         replaced = await client.get("/healthz", headers={"X-Request-Id": "bad id\\n<script>"})
@@ -230,6 +232,13 @@ class TestMetrics:
             in text
         )
         assert "collection_items_processed_total" in text and "collection_cents_charged_total" in text
+
+    async def test_a_made_up_method_is_one_bounded_label(self, client: httpx.AsyncClient) -> None:
+        for method in ("FOO", "BAR"):
+            assert (await client.request(method, "/collection/runs")).status_code in (401, 405)
+        text = (await client.get("/metrics")).text
+        assert 'method="OTHER",route="/collection/runs"' in text
+        assert 'method="FOO"' not in text and 'method="BAR"' not in text
 
     async def test_metrics_need_the_token_when_one_is_configured(
         self, migrated_dsn: str, tmp_path: Path

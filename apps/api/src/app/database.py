@@ -35,13 +35,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     locks, open no cursors and never LISTEN. (asyncpg still rolls back a transaction left open.)"""
 
 
-def statement_limit_s(settings: Settings, client_side: bool = False) -> float:
-    """The longest a statement runs: the server's statement_timeout ends it, or where that cannot be
-    set (the transaction pooler) the client's command_timeout a second later."""
-    seconds = settings.db_statement_timeout_ms / 1000
-    return seconds + 1 if client_side or settings.uses_transaction_pooler else seconds
-
-
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     if settings.database_url is None:
         raise RuntimeError(
@@ -59,7 +52,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         min_size=0,
         max_size=settings.db_pool_max_size,
         timeout=settings.db_connect_timeout_s,
-        command_timeout=statement_limit_s(settings, client_side=True),
+        command_timeout=settings.db_statement_timeout_ms / 1000 + 1,
         statement_cache_size=settings.statement_cache_size,
         server_settings=server_settings,
         init=_init_connection,

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.auth import AccessCache, TokenVerifier, document_guarded_operations
 from app.background import collection_manager, collection_startup_recovery
 from app.config import Settings, StoreMode, get_settings
-from app.database import create_pool, statement_limit_s
+from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
 from app.observability import Metrics, RequestContextMiddleware
@@ -100,9 +100,7 @@ async def open_store(settings: Settings) -> Store:
         "store: Postgres through asyncpg (%s)",
         "transaction pooler" if settings.uses_transaction_pooler else "direct connection",
     )
-    return PostgresStore(
-        await create_pool(settings), settings.db_acquire_timeout_s, versions, statement_limit_s(settings)
-    )
+    return PostgresStore(await create_pool(settings), settings.db_acquire_timeout_s, versions)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -178,8 +176,9 @@ def add_routes(app: FastAPI, router: APIRouter) -> None:
     `include_router` (in the FastAPI we pin) keeps each router as one nested route that works out its
     routes' effective settings while matching every request: ~30 µs of a `GET /runs/{id}`'s CPU
     (benchmarks/README.md). Our routers are complete as declared (their prefix, tags and responses are
-    already in each route; no dependencies or overrides to merge), so their routes are added as they
-    are."""
+    already in each route; no dependencies to merge), so their routes are added as they are. They are
+    built once, without the app as their dependency-overrides provider: `app.dependency_overrides`
+    does not reach them (nothing here uses overrides; tests run the real dependencies)."""
     app.router.routes.extend(router.routes)
 
 

@@ -163,14 +163,13 @@ class Checkout:
     """`async with store._connection() as conn`: a pooled connection for one operation; a database that
     cannot answer becomes DatabaseUnavailable (503) and a rule the SQL enforces a domain error.
 
-    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S, with a timer only where nothing else
-    bounds it. Every checkout of the store's pool is counted here, and each runs one statement, which
-    the statement timeout ends. While there are no more checkouts than connections one is free, so
-    `acquire` returns at once (or connects, within the pool's connect timeout); while there are fewer
-    than twice as many, those waiting ahead are fewer than the connections, which all come back
-    within one statement timeout: when that is no longer than the acquire timeout, the wait is
-    bounded already. A timer on every request cost ~12 µs of it under load, and the
-    `@asynccontextmanager` generators this replaces a few more (benchmarks/README.md)."""
+    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S, with a timer only when there can be
+    a wait. Every checkout of the store's pool is counted here: while there are no more of them than
+    connections, one is free and `acquire` takes it at once (or opens it, which the pool's connect
+    timeout and the statement timeout bound); past that a wait is timed. A timer on every request cost
+    ~12 µs of it under load, and the `@asynccontextmanager` generators this replaces a few more
+    (benchmarks/README.md). A connection goes back within the same bound (release's own timeout).
+    """
 
     __slots__ = ("_store", "_conn")
 
@@ -181,7 +180,7 @@ class Checkout:
         store = self._store
         store._checkouts += 1
         try:
-            if store._checkouts <= store._untimed_checkouts:
+            if store._checkouts <= store._pool_size:
                 self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
             else:
                 async with asyncio.timeout(store._acquire_timeout_s):
@@ -196,7 +195,7 @@ class Checkout:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         store = self._store
         try:
-            await store._pool.release(self._conn)
+            await store._pool.release(self._conn, timeout=store._acquire_timeout_s)
         except UNAVAILABLE_ERRORS as release_error:
             if exc is None:
                 raise as_unavailable(release_error) from release_error
@@ -213,19 +212,11 @@ class Checkout:
 
 
 class PostgresStore:
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        acquire_timeout_s: float,
-        migrations: Sequence[str],
-        statement_timeout_s: float = float("inf"),
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float, migrations: Sequence[str]) -> None:
         self._pool = pool
         self._pool_size = pool.get_max_size()
         self._checkouts = 0  # connections taken or being waited for, through Checkout (the only way)
         self._acquire_timeout_s = acquire_timeout_s
-        # Up to how many checkouts a wait for a connection needs no timer of its own (see Checkout).
-        self._untimed_checkouts = self._pool_size * (2 if statement_timeout_s <= acquire_timeout_s else 1)
         self._migrations = list(migrations)
 
     def _connection(self) -> Checkout:
