@@ -7,6 +7,7 @@ machine where the load generator, the server and Postgres share 2 cores.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def postgres_ticks(postmaster_pid: int) -> int:
     return total
 
 
-def measured(proc: Proc, postmaster: int, script: str, c: int, env: dict[str, str]) -> dict[str, Any]:
+def measured(
+    proc: Proc, postmaster: int, script: str, c: int, env: dict[str, str], duration: float = DURATION
+) -> dict[str, Any]:
     import os
 
     tick = os.sysconf("SC_CLK_TCK")
@@ -56,7 +59,7 @@ def measured(proc: Proc, postmaster: int, script: str, c: int, env: dict[str, st
         restarted = proc.ensure_running()
         wrk(proc.url, script, c, WARMUP, **env)
         server0, pg0 = cpu_ticks(proc.pid), postgres_ticks(postmaster)
-        result: LoadResult = wrk(proc.url, script, c, DURATION, **env)
+        result: LoadResult = wrk(proc.url, script, c, duration, **env)
         if proc.process is not None and proc.process.poll() is None:
             break
         # Stopped from outside during the measurement: measure again on a fresh process.
@@ -66,6 +69,42 @@ def measured(proc: Proc, postmaster: int, script: str, c: int, env: dict[str, st
     n = max(1, result.requests)
     out["server_cpu_us_per_req"] = round((server1 - server0) / tick / n * 1e6, 1)
     out["postgres_cpu_us_per_req"] = round((pg1 - pg0) / tick / n * 1e6, 1)
+    return out
+
+
+def side_by_side(
+    ours_proc: Proc, bare_proc: Proc, postmaster: int, script: str, c: int, env: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ours and the bare endpoint in the order ours, bare, bare, ours, half the time each: the
+    machine's speed drifts by several percent over a minute here (other VMs on the host), and this
+    order cancels a steady drift out of the ratio."""
+    half = math.ceil(DURATION / 2)
+    ours_a = measured(ours_proc, postmaster, script, c, env, half)
+    bare_a = measured(bare_proc, postmaster, script, c, env, half)
+    bare_b = measured(bare_proc, postmaster, script, c, env, half)
+    ours_b = measured(ours_proc, postmaster, script, c, env, half)
+    return combined(ours_a, ours_b), combined(bare_a, bare_b)
+
+
+def combined(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two measurements of one target as one: counts and time add up, per-request CPU is weighted by
+    requests, and each latency percentile is the mean of the two (wrk reports no histogram)."""
+    requests = a["requests"] + b["requests"]
+    seconds = a["seconds"] + b["seconds"]
+    out = {
+        "requests": requests,
+        "seconds": round(seconds, 3),
+        "rps": round(requests / seconds, 3) if seconds else 0.0,
+        "restarted": a["restarted"] or b["restarted"],
+    }
+    for key in ("errors", "non_2xx"):
+        out[key] = a[key] + b[key]
+    for key in ("p50_ms", "p90_ms", "p99_ms"):
+        out[key] = round((a[key] + b[key]) / 2, 3)
+    out["max_ms"] = max(a["max_ms"], b["max_ms"])
+    for key in ("server_cpu_us_per_req", "postgres_cpu_us_per_req"):
+        weighted = a[key] * a["requests"] + b[key] * b["requests"]
+        out[key] = round(weighted / requests, 1) if requests else 0.0
     return out
 
 
@@ -101,8 +140,7 @@ def run(ctx: Any) -> dict[str, Any]:
     for label, op, script in ENDPOINTS:
         for c in CONCURRENCY:
             load = load_average()
-            ours = measured(ctx.api, postmaster, script, c, env)
-            bare = measured(ctx.bare, postmaster, script, c, env)
+            ours, bare = side_by_side(ctx.api, ctx.bare, postmaster, script, c, env)
             db = db_limit(ctx, op, c)
             baseline = measured(ctx.baseline, postmaster, script, c, env) if ctx.baseline else None
             rest = measured(ctx.rest, postmaster, script, c, env) if ctx.rest and op in REST_ENDPOINTS else None
