@@ -356,8 +356,3 @@ def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if token and scheme.lower() == "bearer" else None
-
-
-def require_permission_key(permission: str) -> Guard[CurrentUser]:
-    """Dependency: the verified caller, in the org they chose, holding `permission` there."""
-    return permission_guard(permission, lambda user, _request: user)
