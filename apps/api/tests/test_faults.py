@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -17,13 +19,18 @@ from app.main import create_app
 from conftest import World, make_settings
 
 
+@asynccontextmanager
+async def serving(dsn: str, tmp_path: Path, **database: Any) -> AsyncIterator[FastAPI]:
+    app = create_app(make_settings(dsn, tmp_path, **database))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
 @pytest.fixture
 async def slow_app(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[FastAPI]:
-    settings = make_settings(
+    async with serving(
         migrated_dsn, tmp_path, db_statement_timeout_ms=300, db_pool_max_size=4, db_acquire_timeout_s=1.0
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    ) as app:
         yield app
 
 
@@ -66,12 +73,22 @@ class TestSlowDatabase:
 async def small_pool_app(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[FastAPI]:
     # Statements may run 5 s, longer than the 0.5 s a request waits for a connection: a wait behind
     # the two connections is bounded by nothing but the acquire timeout.
-    settings = make_settings(
+    async with serving(
         migrated_dsn, tmp_path, db_statement_timeout_ms=5000, db_pool_max_size=2, db_acquire_timeout_s=0.5
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    ) as app:
         yield app
+
+
+async def holding_every_connection(store: Any, release: asyncio.Event) -> list[asyncio.Task[None]]:
+    """Both of the small pool's connections, taken until `release` is set."""
+
+    async def hold() -> None:
+        async with store._connection():
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    return holders
 
 
 class TestWaitingForAConnection:
@@ -81,13 +98,7 @@ class TestWaitingForAConnection:
         admin = await world.admin()
         store = small_pool_app.state.store
         release = asyncio.Event()
-
-        async def hold() -> None:
-            async with store._connection():
-                await release.wait()
-
-        holders = [asyncio.create_task(hold()) for _ in range(2)]
-        await asyncio.sleep(0.1)
+        holders = await holding_every_connection(store, release)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=small_pool_app), base_url="http://t"
         ) as client:
@@ -108,13 +119,7 @@ class TestWaitingForAConnection:
         admin = await world.admin()
         store = small_pool_app.state.store
         release = asyncio.Event()
-
-        async def hold() -> None:
-            async with store._connection():
-                await release.wait()
-
-        holders = [asyncio.create_task(hold()) for _ in range(2)]
-        await asyncio.sleep(0.1)
+        holders = await holding_every_connection(store, release)
         waiting = asyncio.create_task(store.get_settings(admin.org_id))
         await asyncio.sleep(0.1)
         assert store._checkouts == 3

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,37 +15,23 @@ import asyncpg
 import httpx
 import pytest
 
-from app.config import REPO_ROOT
 from app.embedded import EmbeddedPostgres
-from app.migrate import apply_migrations
-from conftest import free_port, sign_token
-from test_startup import Server
+from test_startup import Server, own_postgres
 
 
 @pytest.fixture
 async def own_pg(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
-    pg = EmbeddedPostgres(tmp_path / "pg", free_port())
-    pg.start()
-    try:
-        conn = await asyncpg.connect(pg.dsn)
+    async with own_postgres(tmp_path / "pg") as own:
+        conn = await asyncpg.connect(own.dsn)
         try:
-            await apply_migrations(conn, REPO_ROOT / "supabase", local_bootstrap=True)
-            user_id = uuid.uuid4()
-            await conn.execute("insert into auth.users (id, email) values ($1, 'a@outage.test')", user_id)
-            org_id = await conn.fetchval(
-                "insert into organizations (slug, name) values ('o', 'o') returning id"
-            )
-            await conn.execute("insert into memberships values ($1, $2, 'admin')", user_id, org_id)
             await conn.execute(
                 "insert into collection_settings (org_id, budget_cap_cents, max_concurrent_runs) "
                 "values ($1, 1000000, 1000)",
-                org_id,
+                own.org_id,
             )
         finally:
             await conn.close()
-        yield pg, sign_token(user_id)
-    finally:
-        pg.stop("immediate")
+        yield own.pg, own.admin_token
 
 
 class TestOutageUnderLoad:

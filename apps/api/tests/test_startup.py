@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,10 +267,10 @@ class OwnDatabase:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
 
-@pytest.fixture(scope="module")
-async def own_database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OwnDatabase]:
+@asynccontextmanager
+async def own_postgres(directory: Path) -> AsyncIterator[OwnDatabase]:
     """A second embedded Postgres, ours to stop and start, migrated, with one admin."""
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("own-postgres"), free_port())
+    pg = EmbeddedPostgres(directory, free_port())
     pg.start()
     try:
         conn = await asyncpg.connect(pg.dsn)
@@ -290,6 +291,12 @@ async def own_database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         yield OwnDatabase(pg, sign_token(user_id), org_id)
     finally:
         pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
+async def own_database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OwnDatabase]:
+    async with own_postgres(tmp_path_factory.mktemp("own-postgres")) as own:
+        yield own
 
 
 @pytest.fixture

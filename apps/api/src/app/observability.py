@@ -47,7 +47,6 @@ CONSOLE_CSP = (
     b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 CONSOLE_HEADERS = (*PAGE_HEADERS, (b"content-security-policy", CONSOLE_CSP))
-DOCS_HEADERS = PAGE_HEADERS
 
 
 PENDING_OBSERVATIONS = 256
@@ -179,7 +178,7 @@ def _response_headers(path: str) -> tuple[tuple[bytes, bytes], ...]:
     if path == "/admin" or path.startswith("/admin/"):
         return CONSOLE_HEADERS
     if path.startswith(("/docs", "/redoc", "/openapi.json")):
-        return DOCS_HEADERS
+        return PAGE_HEADERS
     return API_HEADERS
 
 
