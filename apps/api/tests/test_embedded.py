@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from app import embedded
 from app.embedded import EmbeddedPostgres
 from conftest import free_port
 
@@ -43,3 +44,19 @@ class TestSharedDataFolder:
             assert not server_command.running()
         finally:
             server_command.stop("immediate")
+
+
+class TestReachableAsTheSystemUser:
+    def test_folders_above_a_path_get_traverse_for_others_and_nothing_else(self, tmp_path: Path) -> None:
+        # A clone in a 0700 folder (a home, `mktemp -d`): its virtualenv's Postgres binaries must stay
+        # reachable by the system user Postgres runs as under root.
+        closed = tmp_path / "closed"
+        target = closed / "p" / ".venv" / "bin"
+        target.mkdir(parents=True)
+        closed.chmod(0o700)
+        (closed / "p").chmod(0o750)
+        target.chmod(0o700)
+        embedded._grant_traversal(target / "initdb")
+        assert closed.stat().st_mode & 0o777 == 0o701
+        assert (closed / "p").stat().st_mode & 0o777 == 0o751
+        assert target.stat().st_mode & 0o777 == 0o701

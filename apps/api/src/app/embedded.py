@@ -43,6 +43,10 @@ class EmbeddedPostgres:
         self.started_here = False
         self._in_use: IO[bytes] | None = None
         self._user = _ensure_system_user() if os.geteuid() == 0 else None
+        if self._user is not None:
+            # Postgres's own binaries live in the virtualenv, wherever the clone is: a 0700 folder
+            # above it (a home, a `mktemp -d`) would keep the system user from running them.
+            _grant_traversal(Path(POSTGRES_BIN_PATH))
 
     @property
     def dsn(self) -> str:
@@ -195,7 +199,8 @@ def _ensure_system_user() -> str:
 
 
 def _grant_traversal(path: Path) -> None:
-    # The system user must be able to reach the data folder: give others +x on each ancestor.
+    # The system user must be able to reach `path`: give others +x (traverse, not list) on each
+    # folder above it that lacks it.
     for parent in path.parents:
         mode = parent.stat().st_mode
         if not mode & 0o001:
