@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.main import create_app
+from app.store import WaitBound
 from conftest import World, make_settings
 
 
@@ -79,58 +80,113 @@ async def small_pool_app(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[Fas
         yield app
 
 
-async def holding_every_connection(store: Any, release: asyncio.Event) -> list[asyncio.Task[None]]:
-    """Both of the small pool's connections, taken until `release` is set."""
+class Held:
+    """Both of the small pool's connections, taken until `release()` (at the latest when the test ends,
+    so that a failing assertion cannot leave the pool waiting for them forever)."""
 
-    async def hold() -> None:
-        async with store._connection():
-            await release.wait()
+    def __init__(self, store: Any) -> None:
+        self._free = asyncio.Event()
 
-    holders = [asyncio.create_task(hold()) for _ in range(2)]
+        async def hold() -> None:
+            async with store._connection():
+                await self._free.wait()
+
+        self._holders = [asyncio.create_task(hold()) for _ in range(2)]
+
+    async def release(self) -> None:
+        self._free.set()
+        await asyncio.gather(*self._holders)
+
+
+@pytest.fixture
+async def held(small_pool_app: FastAPI) -> AsyncIterator[Held]:
+    holding = Held(small_pool_app.state.store)
     await asyncio.sleep(0.1)
-    return holders
+    try:
+        yield holding
+    finally:
+        await holding.release()
 
 
 class TestWaitingForAConnection:
-    async def test_a_wait_nothing_else_bounds_ends_in_503_after_the_acquire_timeout(
-        self, small_pool_app: FastAPI, world: World
-    ) -> None:
-        admin = await world.admin()
-        store = small_pool_app.state.store
-        release = asyncio.Event()
-        holders = await holding_every_connection(store, release)
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=small_pool_app), base_url="http://t"
-        ) as client:
-            started = time.monotonic()
-            waited = await client.get("/collection/settings", headers=admin.headers)
-            elapsed = time.monotonic() - started
-            assert waited.status_code == 503, waited.text
-            assert waited.json()["error"] == "database_unavailable"
-            assert 0.4 < elapsed < 2.0
-            release.set()
-            await asyncio.gather(*holders)
-            assert store._checkouts == 0
-            assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
-
     async def test_checkouts_are_counted_back_after_cancelled_waits_and_failed_statements(
-        self, small_pool_app: FastAPI, world: World
+        self, small_pool_app: FastAPI, held: Held, world: World
     ) -> None:
         admin = await world.admin()
         store = small_pool_app.state.store
-        release = asyncio.Event()
-        holders = await holding_every_connection(store, release)
         waiting = asyncio.create_task(store.get_settings(admin.org_id))
         await asyncio.sleep(0.1)
         assert store._checkouts == 3
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        release.set()
-        await asyncio.gather(*holders)
+        await held.release()
         with pytest.raises(asyncpg.PostgresError):
             async with store._connection() as conn:
                 await conn.execute("select 1/0")
         assert store._checkouts == 0
         pool = store._pool
         assert pool.get_idle_size() == pool.get_size()
+
+    async def test_waits_nothing_else_bounds_each_end_in_503_after_their_own_acquire_timeout(
+        self, small_pool_app: FastAPI, held: Held, world: World
+    ) -> None:
+        admin = await world.admin()
+        store = small_pool_app.state.store
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=small_pool_app), base_url="http://t"
+        ) as client:
+
+            async def waited(delay: float) -> tuple[tuple[int, str], float]:
+                await asyncio.sleep(delay)
+                started = time.monotonic()
+                response = await client.get("/collection/settings", headers=admin.headers)
+                return (response.status_code, response.json()["error"]), time.monotonic() - started
+
+            answers = await asyncio.gather(*(waited(0.15 * i) for i in range(4)))
+            assert [answer for answer, _ in answers] == [(503, "database_unavailable")] * 4
+            # Each after its own 0.5 s, not all at the first one's deadline (one timer serves all).
+            assert all(0.45 < elapsed < 0.9 for _, elapsed in answers), answers
+            assert len(store._waits) == 0
+            await held.release()
+            assert store._checkouts == 0
+            assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
+
+
+class TestWaitBound:
+    async def test_only_overdue_waits_end_and_each_as_a_timeout_of_its_own_task(self) -> None:
+        bound = WaitBound(0.3)
+        loop = asyncio.get_running_loop()
+        soon = asyncio.Event()
+
+        async def wait(delay: float, until: asyncio.Event) -> tuple[str, float]:
+            await asyncio.sleep(delay)
+            started = loop.time()
+            timeout = bound.start()
+            try:
+                async with timeout:
+                    await until.wait()
+                return "done", loop.time() - started
+            except TimeoutError:
+                return "timed out", loop.time() - started
+            finally:
+                bound.end(timeout)
+
+        never = asyncio.Event()
+        waits = [
+            asyncio.create_task(wait(0.0, never)),
+            asyncio.create_task(wait(0.05, soon)),
+            asyncio.create_task(wait(0.1, never)),
+            asyncio.create_task(wait(0.2, never)),
+        ]
+        cancelled = asyncio.create_task(wait(0.0, never))
+        await asyncio.sleep(0.15)
+        soon.set()
+        cancelled.cancel()
+        results = await asyncio.gather(*waits)
+        assert [outcome for outcome, _ in results] == ["timed out", "done", "timed out", "timed out"]
+        assert all(0.29 < elapsed < 0.45 for outcome, elapsed in results if outcome == "timed out"), results
+        with pytest.raises(asyncio.CancelledError):  # cancelled from outside: not turned into a timeout
+            await cancelled
+        assert len(bound) == 0
+        assert bound._sweep is None  # nothing left to time

@@ -9,11 +9,14 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import trace
 
 from app import observability
 from app.main import create_app
@@ -271,3 +274,64 @@ class TestChunkedBodyLimit:
         assert response.status_code == 413
         assert response.json()["error"] == "payload_too_large"
         assert await db.fetchval("select count(*) from collection_runs") == 0
+
+
+class RecordingTracer(trace.Tracer):
+    """An OpenTelemetry tracer that keeps the names of the spans started (the API alone, no SDK)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+        self.names.append(name)
+        return trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+
+    @contextmanager
+    def start_as_current_span(self, name: str, *args: Any, **kwargs: Any) -> Iterator[trace.Span]:
+        span = self.start_span(name)
+        with trace.use_span(span, end_on_exit=True):
+            yield span
+
+
+class RecordingTracerProvider(trace.TracerProvider):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return RecordingTracer(self.names)
+
+
+class TestOpenTelemetry:
+    def test_fastapis_own_telemetry_is_on_only_when_the_environment_sets_opentelemetry_up(self) -> None:
+        off = {"tracing": False, "metrics": False, "logs": False}
+        assert observability.fastapi_telemetry({}) == off
+        assert observability.fastapi_telemetry({"PATH": "/usr/bin", "OTELLO": "x"}) == off
+        assert observability.fastapi_telemetry({"OTEL_SERVICE_NAME": "collection-api"}) is None
+        assert observability.fastapi_telemetry({"FASTAPI_OTEL_AUTO_CONFIGURE": "true"}) is None
+
+    async def test_a_traced_read_goes_through_fastapis_handler_and_answers_the_same(
+        self, monkeypatch: pytest.MonkeyPatch, world: World, migrated_dsn: str, tmp_path: Path
+    ) -> None:
+        provider = RecordingTracerProvider()
+        monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)  # as if an SDK had been set up
+        admin = await world.admin()
+        answers = []
+        for traced in (False, True):
+            if traced:
+                monkeypatch.setenv("OTEL_SERVICE_NAME", "collection-api")
+            app = create_app(make_settings(migrated_dsn, tmp_path))
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                    if not traced:
+                        run = await create_run(client, admin)
+                    provider.names.clear()
+                    response = await client.get(f"/collection/runs/{run['id']}", headers=admin.headers)
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+            if traced:
+                # FastAPI's server span and the spans of its own handler's steps.
+                assert provider.names[0] == "GET" and "fastapi.endpoint" in provider.names
+            else:
+                assert provider.names == []  # FastAPI's telemetry off, the direct path taken
+        assert answers[0] == answers[1]

@@ -1,14 +1,28 @@
-"""GuardedRoute: the guard called by the route, and a model result sent as FastAPI would send it."""
+"""GuardedRoute: the guard called by the route, a model result sent as FastAPI would send it, and guarded
+reads answered without FastAPI's request handler exactly as FastAPI would answer them."""
 
 from __future__ import annotations
 
-import httpx
-from fastapi import FastAPI
-from fastapi.routing import APIRoute
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
+import httpx
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import routing as fastapi_routing
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+
+from app.auth import GUARDS
+from app.errors import CollectionError, NotAuthenticated
+from app.main import collection_error_handler, create_app, validation_error_handler
 from app.models import CollectionRunListResponse, CollectionRunResponse, CollectionSettingsResponse
 from app.routing import GuardedRoute
-from conftest import World, create_run
+from conftest import Actor, World, create_run
 
 
 def route_of(app: FastAPI, path: str, method: str) -> APIRoute:
@@ -50,3 +64,214 @@ class TestModelResponses:
         events = route_of(app, "/collection/runs/{run_id}/events", "GET")
         assert isinstance(events, GuardedRoute) and events.guard is None  # its guard stays a dependency
         assert not isinstance(route_of(app, "/healthz", "GET"), GuardedRoute)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The direct path for guarded reads, against FastAPI's own handling of the same endpoints
+# ---------------------------------------------------------------------------------------------------
+async def fake_guard(request: Request) -> str:
+    if request.headers.get("authorization") != "Bearer ok":
+        raise NotAuthenticated("Missing bearer token")
+    return "caller"
+
+
+GUARDS.add(fake_guard)
+Caller = Annotated[str, Depends(fake_guard)]
+
+
+class Thing(BaseModel):
+    id: int
+    name: str
+    kind: str
+    at: datetime
+
+
+WHEN = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def things_app(route_class: type[APIRoute]) -> FastAPI:
+    """The same endpoints as GuardedRoute routes or as plain FastAPI routes (the reference)."""
+    router = APIRouter(route_class=route_class)
+
+    @router.get("/things/{thing_id}", response_model=Thing)
+    async def get_thing(
+        thing_id: int,
+        caller: Caller,
+        kind: Literal["a", "b"] = "a",
+        limit: Annotated[int, Query(ge=1, le=10)] = 5,
+        tags: Annotated[list[str] | None, Query(max_length=3)] = None,
+    ) -> Any:
+        assert caller == "caller"
+        name = f"{limit}:{','.join(tags or [])}"
+        if thing_id == 2:
+            return {"id": 2, "name": name, "kind": kind, "at": WHEN.isoformat()}  # a dict: validated
+        if thing_id == 3:
+            return {"id": "not a number", "name": name}  # breaks the response model: FastAPI's 500
+        if thing_id == 4:
+            return Response(b"as it is", media_type="text/plain", status_code=202)
+        return Thing(id=thing_id, name=name, kind=kind, at=WHEN)
+
+    @router.post("/things/{thing_id}/poke", response_model=Thing)
+    async def poke(thing_id: uuid.UUID, request: Request, caller: Caller) -> Thing:
+        return Thing(id=len(str(thing_id)), name=request.method, kind=caller, at=WHEN)
+
+    app = FastAPI()
+    app.add_exception_handler(CollectionError, collection_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.router.routes.extend(router.routes)
+    return app
+
+
+THING_REQUESTS: list[tuple[str, str, dict[str, str]]] = [
+    ("GET", "/things/1", {}),
+    ("GET", "/things/1?kind=b&limit=10&tags=x&tags=y", {}),
+    ("GET", "/things/2?kind=b", {}),
+    ("GET", "/things/3", {}),
+    ("GET", "/things/4", {}),
+    ("GET", "/things/nope", {}),
+    ("GET", "/things/1?kind=c&limit=0", {}),
+    ("GET", "/things/1?limit=x", {}),
+    ("GET", "/things/1?tags=a&tags=b&tags=c&tags=d", {}),
+    ("GET", "/things/nope?limit=0", {"authorization": "Bearer bad"}),
+    ("GET", "/things/1", {"authorization": ""}),
+    ("HEAD", "/things/1", {}),
+    ("POST", f"/things/{uuid.UUID(int=7)}/poke", {}),
+    ("POST", f"/things/{str(uuid.UUID(int=7)).upper()}/poke", {}),
+    ("POST", "/things/7/poke", {}),
+    ("POST", f"/things/{uuid.UUID(int=7)}/poke", {"content-type": "application/json"}),
+]
+
+
+def comparable(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
+    return response.status_code, response.content, sorted(response.headers.multi_items())
+
+
+class TestDirectReads:
+    async def test_answers_every_request_as_fastapi_would_without_its_request_handler(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        solved: list[str] = []
+        solve = fastapi_routing.solve_dependencies
+
+        async def counted(**kwargs: Any) -> Any:
+            solved.append(kwargs["request"].url.path)
+            return await solve(**kwargs)
+
+        monkeypatch.setattr(fastapi_routing, "solve_dependencies", counted)
+        answers: dict[str, list[tuple[int, bytes, list[tuple[str, str]]]]] = {}
+        for name, route_class in (("guarded", GuardedRoute), ("fastapi", APIRoute)):
+            transport = httpx.ASGITransport(app=things_app(route_class), raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answers[name] = []
+                for method, url, headers in THING_REQUESTS:
+                    response = await client.request(
+                        method, url, headers={"authorization": "Bearer ok", **headers}, content=b"{"
+                    )
+                    answers[name].append(comparable(response))
+            if name == "guarded":
+                assert solved == []  # FastAPI's handler never ran
+        assert (
+            len(solved) == len(THING_REQUESTS) - 1
+        )  # the reference: all but HEAD (405, no GET route takes it)
+        for request, guarded, fastapi in zip(
+            THING_REQUESTS, answers["guarded"], answers["fastapi"], strict=True
+        ):
+            assert guarded == fastapi, request
+        statuses = [status for status, _, _ in answers["guarded"]]
+        assert statuses == [200, 200, 200, 500, 202, 422, 422, 422, 422, 401, 401, 405, 200, 200, 422, 200]
+
+
+async def _lifespans(stack: AsyncExitStack, *apps: FastAPI) -> None:
+    for application in apps:
+        await stack.enter_async_context(application.router.lifespan_context(application))
+
+
+def as_fastapi_routes(app: FastAPI) -> None:
+    """The app's guarded endpoints as FastAPI itself would route them: the guard a plain dependency."""
+    routes: list[Any] = []
+    for route in app.router.routes:
+        guarded = getattr(route, "_guarded", None)
+        if isinstance(route, GuardedRoute) and guarded is not None:
+            route = APIRoute(
+                route.path,
+                guarded.call,
+                methods=route.methods,
+                response_model=route.response_model,
+                status_code=route.status_code,
+            )
+        routes.append(route)
+    app.router.routes = routes
+
+
+@pytest.fixture
+async def reference_app(settings: Any) -> AsyncIterator[FastAPI]:
+    reference = create_app(settings)
+    as_fastapi_routes(reference)
+    async with AsyncExitStack() as stack:
+        await _lifespans(stack, reference)
+        yield reference
+
+
+class TestDirectReadsOfTheApi:
+    async def test_every_guarded_read_answers_as_fastapi_routing_the_same_endpoint(
+        self, app: FastAPI, reference_app: FastAPI, world: World
+    ) -> None:
+        admin = await world.admin()
+        other = await world.admin("globex")
+        ours = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+        theirs = httpx.AsyncClient(transport=httpx.ASGITransport(app=reference_app), base_url="http://t")
+        async with ours, theirs:
+            run = await create_run(ours, admin)
+            mine, elsewhere = run["id"], (await create_run(ours, other))["id"]
+            requests: list[tuple[str, str, Actor | None]] = [
+                ("GET", f"/collection/runs/{mine}", admin),
+                ("GET", f"/collection/runs/{mine.upper()}", admin),
+                ("GET", f"/collection/runs/{elsewhere}", admin),
+                ("GET", "/collection/runs/not-a-uuid", admin),
+                ("GET", f"/collection/runs/{mine}", None),
+                ("GET", "/collection/runs?limit=0", None),
+                ("GET", "/collection/runs", admin),
+                ("GET", "/collection/runs?limit=1&offset=0&status=pending", admin),
+                ("GET", "/collection/runs?limit=0", admin),
+                ("GET", "/collection/runs?limit=1000&offset=-1&status=sleeping", admin),
+                ("GET", "/collection/runs?limit=x", admin),
+                ("GET", "/collection/runs?cursor=garbage", admin),
+                ("GET", "/collection/runs?cursor=" + "x" * 201, admin),
+                ("GET", f"/collection/runs/{mine}/items", admin),
+                ("GET", f"/collection/runs/{mine}/items?limit=0&status=nope", admin),
+                ("GET", f"/collection/runs/{elsewhere}/items", admin),
+                ("GET", "/collection/settings", admin),
+                ("GET", "/collection/sellers", admin),
+                ("GET", "/collection/sellers?limit=-1&offset=x", admin),
+                ("POST", f"/collection/runs/{elsewhere}/cancel", admin),
+                ("POST", f"/collection/runs/{mine}/pause", admin),  # pending: not allowed, nothing changes
+                ("POST", "/collection/runs/nope/resume", admin),
+            ]
+            for method, url, actor in requests:
+                headers = actor.headers if actor else {}
+                a = await ours.request(method, url, headers=headers)
+                b = await theirs.request(method, url, headers=headers)
+                assert (a.status_code, a.json()) == (b.status_code, b.json()), (method, url)
+            # A transition that happens, once through each: the same answer for the same change.
+            started = [
+                await client.post(
+                    f"/collection/runs/{(await create_run(ours, admin))['id']}/cancel", headers=admin.headers
+                )
+                for client in (ours, theirs)
+            ]
+            assert [r.status_code for r in started] == [200, 200]
+            assert {tuple(sorted(r.json())) for r in started} == {tuple(sorted(started[0].json()))}
+            assert (await ours.get(f"/collection/runs/{mine}", headers=admin.headers)).json()[
+                "status"
+            ] == "pending"
+
+    def test_reads_without_a_body_take_the_direct_path_and_the_rest_fastapis(self, app: FastAPI) -> None:
+        direct = sorted(
+            (sorted(route.methods or ())[0], route.path)
+            for route in app.routes
+            if isinstance(route, GuardedRoute) and route.guard and route._direct_handler(route.guard)
+        )
+        assert ("GET", "/collection/runs/{run_id}") in direct and ("GET", "/collection/runs") in direct
+        assert ("POST", "/collection/runs") not in direct  # a body: FastAPI reads and validates it
+        assert ("PATCH", "/collection/settings") not in direct
+        assert ("POST", "/collection/estimate") not in direct

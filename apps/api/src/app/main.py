@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from app.config import Settings, StoreMode, get_settings
 from app.database import create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
-from app.observability import Metrics, RequestContextMiddleware
+from app.observability import Metrics, RequestContextMiddleware, fastapi_telemetry
 from app.providers import make_provider
 from app.routers import admin as admin_router
 from app.routers import collection as collection_router
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.6.2",
         summary="Collection runs for seller research: estimate, budget-check, start and track runs.",
         lifespan=lifespan,
+        telemetry=fastapi_telemetry(os.environ),
     )
     app.state.metrics = metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)

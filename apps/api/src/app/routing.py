@@ -11,6 +11,14 @@ OpenAPI schema (`document_guarded_operations`) are the same either way; a parame
 in another dependency (as `existing_run_id` does) stays a dependency, and so do streaming endpoints.
 A guarded endpoint's result that is exactly its `response_model` is serialised by the model itself
 (`_model_response`): the bytes FastAPI would send, without its second validation of our own model.
+
+A guarded read with nothing but path and query parameters (no body, no other dependency, a plain
+model response) goes further: the route validates those parameters with FastAPI's own
+`request_params_to_args` (same rules, same 422 errors) and calls the endpoint itself, without
+FastAPI's general request handler (dependency solving, a Response for dependencies to set headers on,
+its body, header and cookie parsing for parameters the endpoint does not have: ~25 µs a request,
+benchmarks/README.md). When FastAPI's own OpenTelemetry is tracing the request, such a read goes
+through FastAPI's handler, which records its steps.
 """
 
 from __future__ import annotations
@@ -18,31 +26,52 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, NamedTuple, get_args, get_origin
 
 from fastapi import Request, Response
 from fastapi.datastructures import Default, DefaultPlaceholder
+from fastapi.dependencies.utils import request_params_to_args
+from fastapi.exceptions import RequestValidationError, ResponseValidationError
 from fastapi.params import Depends
 from fastapi.routing import APIRoute
+from fastapi.telemetry import get_telemetry_data
 from fastapi.utils import is_body_allowed_for_status_code
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from app.auth import GUARDS
 
 GUARDED_CALLER = "app.guarded_caller"  # the scope key the guard's result travels under
 
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class ModelResponse(NamedTuple):
+    """A route whose response is its model's JSON, with FastAPI's default class and options."""
+
+    model: type[BaseModel]
+    status_code: int
+
+
+class GuardedEndpoint(NamedTuple):
+    call: Callable[..., Coroutine[Any, Any, Any]]  # the endpoint as written
+    guarded: str  # its parameter that receives the guard's result
+    request: str | None  # its parameter that receives the request, if it has one
+
 
 class GuardedRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         self.guard: Callable[[Request], Coroutine[Any, Any, Any]] | None = None
+        self._guarded: GuardedEndpoint | None = None
+        self._model = _model_response(kwargs)
         if inspect.iscoroutinefunction(endpoint):
             found = _guard_parameter(endpoint)
             if found is not None:
                 name, self.guard = found
-                endpoint = _taking_guarded_caller(endpoint, name, _model_response(kwargs))
+                self._guarded = GuardedEndpoint(endpoint, name, _request_parameter(endpoint))
+                endpoint = _taking_guarded_caller(endpoint, name, _lenient(self._model))
         super().__init__(path, endpoint, **kwargs)
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
         guard = self.guard
         if guard is None:
@@ -52,7 +81,61 @@ class GuardedRoute(APIRoute):
             request.scope[GUARDED_CALLER] = await guard(request)
             return await handler(request)
 
-        return guarded
+        direct = self._direct_handler(guard)
+        if direct is None:
+            return guarded
+
+        async def read(request: Request) -> Response:
+            if get_telemetry_data() is None:
+                return await direct(request)
+            return await guarded(request)  # FastAPI's telemetry traces the steps of its own handler
+
+        return read
+
+    def _direct_handler(self, guard: Callable[[Request], Coroutine[Any, Any, Any]]) -> Handler | None:
+        """The guarded read without FastAPI's request handler; None for a route that needs it."""
+        dependant, endpoint, model = self.dependant, self._guarded, self._model
+        if (
+            endpoint is None
+            or model is None
+            or dependant.dependencies
+            or dependant.header_params
+            or dependant.cookie_params
+            or dependant.body_params
+            or self.body_field is not None
+            or dependant.background_tasks_param_name
+            or dependant.response_param_name
+            or dependant.security_scopes_param_name
+            or dependant.http_connection_param_name
+            or dependant.websocket_param_name
+            or self.is_sse_stream
+            or self.is_json_stream
+        ):
+            return None
+        call, guarded_name, request_name = endpoint
+        path_fields, query_fields = dependant.path_params, dependant.query_params
+        respond = _strict(model)
+
+        async def direct(request: Request) -> Response:
+            caller = await guard(request)
+            values: dict[str, Any] = {}
+            errors: list[Any] = []
+            if path_fields:
+                found, wrong = request_params_to_args(path_fields, request.path_params)
+                values.update(found)
+                errors += wrong
+            if query_fields:
+                found, wrong = request_params_to_args(query_fields, request.query_params)
+                values.update(found)
+                errors += wrong
+            if errors:
+                raise RequestValidationError(errors)
+            if request_name is not None:
+                values[request_name] = request
+            values[guarded_name] = caller
+            return respond(await call(**values))
+
+        return direct
 
 
 def _guard_parameter(endpoint: Callable[..., Any]) -> tuple[str, Any] | None:
@@ -66,20 +149,20 @@ def _guard_parameter(endpoint: Callable[..., Any]) -> tuple[str, Any] | None:
     return None
 
 
-def _model_response(route: dict[str, Any]) -> Callable[[Any], Any]:
-    """What turns an endpoint's result into the response, given the route's settings.
+def _request_parameter(endpoint: Callable[..., Any]) -> str | None:
+    parameters = inspect.signature(endpoint, eval_str=True).parameters.values()
+    return next((p.name for p in parameters if p.annotation is Request), None)
 
-    An instance of exactly the route's `response_model`, with FastAPI's default response class and
-    serialisation options, becomes a JSON response straight from the model's own serializer: what
-    FastAPI would send, without validating our own model against itself and building the response
-    through its general path (~8 µs of a request, benchmarks/README.md). Anything else goes to FastAPI
-    as it was."""
+
+def _model_response(route: dict[str, Any]) -> ModelResponse | None:
+    """The route's model, when its response is exactly that model's JSON: FastAPI's default response
+    class and serialisation options, and a status code that has a body."""
     model = route.get("response_model")
     status_code = route.get("status_code") or 200
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
     plain = (
-        isinstance(model, type)
-        and issubclass(model, BaseModel)
-        and isinstance(route.get("response_class", Default(None)), DefaultPlaceholder)
+        isinstance(route.get("response_class", Default(None)), DefaultPlaceholder)
         and route.get("response_model_include") is None
         and route.get("response_model_exclude") is None
         and route.get("response_model_by_alias", True) is True
@@ -88,13 +171,42 @@ def _model_response(route: dict[str, Any]) -> Callable[[Any], Any]:
         and not route.get("response_model_exclude_none", False)
         and is_body_allowed_for_status_code(status_code)
     )
-    if not plain:
+    return ModelResponse(model, status_code) if plain else None
+
+
+def _lenient(model: ModelResponse | None) -> Callable[[Any], Any]:
+    """For FastAPI's handler: an instance of exactly the route's model becomes a JSON response straight
+    from the model's own serializer (what FastAPI would send, without validating our own model against
+    itself and building the response through its general path: ~8 µs of a request,
+    benchmarks/README.md). Anything else goes to FastAPI as it was."""
+    if model is None:
         return lambda result: result
-    serializer = model.__pydantic_serializer__  # type: ignore[union-attr]
+    cls, status_code = model
+    serializer = cls.__pydantic_serializer__
 
     def respond(result: Any) -> Any:
-        if type(result) is not model:
+        if type(result) is not cls:
             return result
+        body = serializer.to_json(result, by_alias=True)
+        return Response(body, status_code=status_code, media_type="application/json")
+
+    return respond
+
+
+def _strict(model: ModelResponse) -> Callable[[Any], Response]:
+    """For the direct path: any result as FastAPI would send it. A Response as it is; anything else
+    validated as the model first (as FastAPI validates a response; a mismatch is its 500)."""
+    cls, status_code = model
+    serializer = cls.__pydantic_serializer__
+
+    def respond(result: Any) -> Response:
+        if type(result) is not cls:
+            if isinstance(result, Response):
+                return result
+            try:
+                result = cls.model_validate(result, from_attributes=True)
+            except ValidationError as exc:
+                raise ResponseValidationError(exc.errors(include_url=False), body=result) from exc
         body = serializer.to_json(result, by_alias=True)
         return Response(body, status_code=status_code, media_type="application/json")
 

@@ -159,16 +159,65 @@ def _row(record: asyncpg.Record | None) -> Row:
     return dict(record)
 
 
+class WaitBound:
+    """Bounds waits that each last at most `seconds` with one timer for all of them.
+
+    `asyncio.timeout` arms a timer of its own for every wait (a libuv timer under uvloop, started and
+    stopped again: several µs a request when most waits end in a few ms). Here each wait is an
+    `asyncio.Timeout` with no deadline of its own, listed with its deadline; one timer, armed at the
+    earliest deadline, gives each overdue wait its deadline when it fires, so that wait ends as
+    `asyncio.timeout` would have ended it (TimeoutError in the waiting task, nothing else cancelled).
+    Every wait lasts the same `seconds`, so the list is in deadline order and the timer only ever
+    looks at its head. A wait that ends in time just leaves the list.
+    """
+
+    __slots__ = ("_seconds", "_waits", "_sweep")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._waits: dict[asyncio.Timeout, float] = {}  # in order of deadline
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def start(self) -> asyncio.Timeout:
+        """A bound for one wait, to enter at once (`async with`) and hand back through `end`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._seconds
+        bound = asyncio.Timeout(None)
+        self._waits[bound] = deadline
+        if self._sweep is None:
+            self._sweep = loop.call_at(deadline, self._expire, loop)
+        return bound
+
+    def end(self, bound: asyncio.Timeout) -> None:
+        self._waits.pop(bound, None)
+
+    def __len__(self) -> int:
+        return len(self._waits)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        now = loop.time()
+        while self._waits:
+            bound, deadline = next(iter(self._waits.items()))
+            if deadline > now + 0.001:  # the loop's clock may run a hair behind the timer's
+                self._sweep = loop.call_at(deadline, self._expire, loop)
+                return
+            del self._waits[bound]
+            bound.reschedule(now)  # expires on the loop's next turn, as an asyncio.timeout would
+
+
 class Checkout:
     """`async with store._connection() as conn`: a pooled connection for one operation; a database that
     cannot answer becomes DatabaseUnavailable (503) and a rule the SQL enforces a domain error.
 
-    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S, with a timer only when there can be
-    a wait. Every checkout of the store's pool is counted here: while there are no more of them than
-    connections, one is free and `acquire` takes it at once (or opens it, which the pool's connect
-    timeout and the statement timeout bound); past that a wait is timed. A timer on every request cost
-    ~12 µs of it under load, and the `@asynccontextmanager` generators this replaces a few more
-    (benchmarks/README.md). A connection goes back within the same bound (release's own timeout).
+    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S. Every checkout of the store's pool is
+    counted here: while there are no more of them than connections, one is free and `acquire` takes
+    it at once (or opens it, which the pool's connect timeout and the statement timeout bound); past
+    that the wait is bounded by the store's `WaitBound` (one timer for all waits: a timer per request
+    cost ~10 µs of it under load, benchmarks/README.md). Giving a connection back after a clean
+    operation waits for nothing that the connection's command timeout does not bound already (asyncpg
+    applies it to a ROLLBACK of a transaction left open and to the recycling close); after a failure
+    (a cancelled statement may still be being cancelled) it is bounded by DB_ACQUIRE_TIMEOUT_S too.
     """
 
     __slots__ = ("_store", "_conn")
@@ -183,8 +232,12 @@ class Checkout:
             if store._checkouts <= store._pool_size:
                 self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
             else:
-                async with asyncio.timeout(store._acquire_timeout_s):
-                    self._conn = await store._pool.acquire()
+                bound = store._waits.start()
+                try:
+                    async with bound:
+                        self._conn = await store._pool.acquire()
+                finally:
+                    store._waits.end(bound)
         except BaseException as exc:
             store._checkouts -= 1
             if isinstance(exc, UNAVAILABLE_ERRORS):
@@ -195,7 +248,7 @@ class Checkout:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         store = self._store
         try:
-            await store._pool.release(self._conn, timeout=store._acquire_timeout_s)
+            await store._pool.release(self._conn, timeout=None if exc is None else store._acquire_timeout_s)
         except UNAVAILABLE_ERRORS as release_error:
             if exc is None:
                 raise as_unavailable(release_error) from release_error
@@ -217,6 +270,7 @@ class PostgresStore:
         self._pool_size = pool.get_max_size()
         self._checkouts = 0  # connections taken or being waited for, through Checkout (the only way)
         self._acquire_timeout_s = acquire_timeout_s
+        self._waits = WaitBound(acquire_timeout_s)  # waits for a connection beyond the pool
         self._migrations = list(migrations)
 
     def _connection(self) -> Checkout:
