@@ -162,15 +162,12 @@ class TestWaitBound:
         async def wait(delay: float, until: asyncio.Event) -> tuple[str, float]:
             await asyncio.sleep(delay)
             started = loop.time()
-            timeout = bound.start()
             try:
-                async with timeout:
+                async with bound():
                     await until.wait()
                 return "done", loop.time() - started
             except TimeoutError:
                 return "timed out", loop.time() - started
-            finally:
-                bound.end(timeout)
 
         never = asyncio.Event()
         waits = [
@@ -190,3 +187,12 @@ class TestWaitBound:
             await cancelled
         assert len(bound) == 0
         assert bound._sweep is None  # nothing left to time
+
+    async def test_closing_stops_its_timer(self) -> None:
+        bound = WaitBound(30)
+        waiting = asyncio.create_task(bound().__aenter__())
+        await waiting
+        assert len(bound) == 1 and bound._sweep is not None
+        sweep = bound._sweep
+        bound.close()
+        assert len(bound) == 0 and bound._sweep is None and sweep.cancelled()

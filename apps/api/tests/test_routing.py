@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi import routing as fastapi_routing
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, ResponseValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
@@ -89,7 +89,7 @@ class Thing(BaseModel):
 WHEN = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-def things_app(route_class: type[APIRoute]) -> FastAPI:
+def things_router(route_class: type[APIRoute]) -> APIRouter:
     """The same endpoints as GuardedRoute routes or as plain FastAPI routes (the reference)."""
     router = APIRouter(route_class=route_class)
 
@@ -115,10 +115,19 @@ def things_app(route_class: type[APIRoute]) -> FastAPI:
     async def poke(thing_id: uuid.UUID, request: Request, caller: Caller) -> Thing:
         return Thing(id=len(str(thing_id)), name=request.method, kind=caller, at=WHEN)
 
+    return router
+
+
+def bare_things_app() -> FastAPI:
     app = FastAPI()
     app.add_exception_handler(CollectionError, collection_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.router.routes.extend(router.routes)
+    return app
+
+
+def things_app(route_class: type[APIRoute]) -> FastAPI:
+    app = bare_things_app()
+    app.router.routes.extend(things_router(route_class).routes)
     return app
 
 
@@ -140,6 +149,11 @@ THING_REQUESTS: list[tuple[str, str, dict[str, str]]] = [
     ("POST", "/things/7/poke", {}),
     ("POST", f"/things/{uuid.UUID(int=7)}/poke", {"content-type": "application/json"}),
 ]
+
+
+def kept(exc: Exception, into: list[Any]) -> Response:
+    into.append(exc)
+    return Response(status_code=422)
 
 
 def comparable(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
@@ -180,6 +194,39 @@ class TestDirectReads:
         statuses = [status for status, _, _ in answers["guarded"]]
         assert statuses == [200, 200, 200, 500, 202, 422, 422, 422, 422, 401, 401, 405, 200, 200, 422, 200]
 
+    async def test_a_result_that_breaks_the_model_is_reported_as_fastapi_reports_it(self) -> None:
+        raised: list[ResponseValidationError | RequestValidationError] = []
+        for route_class in (GuardedRoute, APIRoute):
+            app = things_app(route_class)
+            app.add_exception_handler(RequestValidationError, lambda _, exc: kept(exc, raised))
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://t"
+            ) as client:
+                with pytest.raises(ResponseValidationError) as broken:
+                    await client.get("/things/3", headers={"authorization": "Bearer ok"})
+                raised.append(broken.value)
+                await client.get("/things/1?limit=0", headers={"authorization": "Bearer ok"})
+        guarded_response, guarded_request, fastapi_response, fastapi_request = raised
+        for ours, theirs in ((guarded_response, fastapi_response), (guarded_request, fastapi_request)):
+            assert ours.errors() == theirs.errors()
+            assert str(ours) == str(theirs)  # what the log says: errors, endpoint and its place
+        assert "GET /things/{thing_id}" in str(guarded_response) and "('response'," in str(guarded_response)
+
+    async def test_an_included_router_keeps_what_its_inclusion_adds(self) -> None:
+        async def closed_for_maintenance() -> None:
+            raise NotAuthenticated("Closed by the inclusion")
+
+        app = bare_things_app()
+        app.include_router(
+            things_router(GuardedRoute), prefix="/v1", dependencies=[Depends(closed_for_maintenance)]
+        )
+        app.router.routes.extend(things_router(GuardedRoute).routes)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            included = await client.get("/v1/things/1", headers={"authorization": "Bearer ok"})
+            assert included.status_code == 401 and included.json()["detail"] == "Closed by the inclusion"
+            added = await client.get("/things/1", headers={"authorization": "Bearer ok"})
+            assert added.status_code == 200 and added.json()["id"] == 1
+
 
 async def _lifespans(stack: AsyncExitStack, *apps: FastAPI) -> None:
     for application in apps:
@@ -214,8 +261,16 @@ async def reference_app(settings: Any) -> AsyncIterator[FastAPI]:
 
 class TestDirectReadsOfTheApi:
     async def test_every_guarded_read_answers_as_fastapi_routing_the_same_endpoint(
-        self, app: FastAPI, reference_app: FastAPI, world: World
+        self, app: FastAPI, reference_app: FastAPI, world: World, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        solved: list[str] = []
+        solve = fastapi_routing.solve_dependencies
+
+        async def counted(**kwargs: Any) -> Any:
+            solved.append(kwargs["request"].url.path)
+            return await solve(**kwargs)
+
+        monkeypatch.setattr(fastapi_routing, "solve_dependencies", counted)
         admin = await world.admin()
         other = await world.admin("globex")
         ours = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
@@ -249,8 +304,11 @@ class TestDirectReadsOfTheApi:
             ]
             for method, url, actor in requests:
                 headers = actor.headers if actor else {}
+                before = len(solved)
                 a = await ours.request(method, url, headers=headers)
+                assert len(solved) == before, url  # answered by the route, not FastAPI's handler
                 b = await theirs.request(method, url, headers=headers)
+                assert len(solved) == before + 1, url  # the reference's was
                 assert (a.status_code, a.json()) == (b.status_code, b.json()), (method, url)
             # A transition that happens, once through each: the same answer for the same change.
             started = [

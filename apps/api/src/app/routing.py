@@ -17,8 +17,11 @@ model response) goes further: the route validates those parameters with FastAPI'
 `request_params_to_args` (same rules, same 422 errors) and calls the endpoint itself, without
 FastAPI's general request handler (dependency solving, a Response for dependencies to set headers on,
 its body, header and cookie parsing for parameters the endpoint does not have: ~25 µs a request,
-benchmarks/README.md). When FastAPI's own OpenTelemetry is tracing the request, such a read goes
-through FastAPI's handler, which records its steps.
+benchmarks/README.md). tests/test_routing.py holds it to FastAPI's answers, byte for byte. FastAPI's
+handler still answers such a read when FastAPI's own OpenTelemetry is tracing the request (it records
+the handler's steps) and when the route's router is mounted with `include_router` (an inclusion may
+add dependencies only FastAPI's handler knows of). Tools that hook FastAPI's internals rather than
+OpenTelemetry (Sentry's and Logfire's FastAPI integrations patch its handler) do not see direct reads.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, NamedTuple, get_args, get_origin
 
 from fastapi import Request, Response
+from fastapi import routing as fastapi_routing
+from fastapi._compat import ModelField
 from fastapi.datastructures import Default, DefaultPlaceholder
 from fastapi.dependencies.utils import request_params_to_args
-from fastapi.exceptions import RequestValidationError, ResponseValidationError
+from fastapi.exceptions import EndpointContext, RequestValidationError, ResponseValidationError
 from fastapi.params import Depends
 from fastapi.routing import APIRoute
 from fastapi.telemetry import get_telemetry_data
 from fastapi.utils import is_body_allowed_for_status_code
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from app.auth import GUARDS
 
@@ -81,7 +86,7 @@ class GuardedRoute(APIRoute):
             request.scope[GUARDED_CALLER] = await guard(request)
             return await handler(request)
 
-        direct = self._direct_handler(guard)
+        direct = None if _for_an_inclusion(self) else self._direct_handler(guard)
         if direct is None:
             return guarded
 
@@ -114,7 +119,8 @@ class GuardedRoute(APIRoute):
             return None
         call, guarded_name, request_name = endpoint
         path_fields, query_fields = dependant.path_params, dependant.query_params
-        respond = _strict(model)
+        assert self.response_field is not None  # there is a response model
+        respond = _strict(model, self.response_field, call, self.path)
 
         async def direct(request: Request) -> Response:
             caller = await guard(request)
@@ -129,11 +135,11 @@ class GuardedRoute(APIRoute):
                 values.update(found)
                 errors += wrong
             if errors:
-                raise RequestValidationError(errors)
+                raise RequestValidationError(errors, endpoint_ctx=_endpoint_context(call, request, self.path))
             if request_name is not None:
                 values[request_name] = request
             values[guarded_name] = caller
-            return respond(await call(**values))
+            return respond(await call(**values), request)
 
         return direct
 
@@ -193,24 +199,55 @@ def _lenient(model: ModelResponse | None) -> Callable[[Any], Any]:
     return respond
 
 
-def _strict(model: ModelResponse) -> Callable[[Any], Response]:
+def _strict(
+    model: ModelResponse, field: ModelField, call: Callable[..., Any], path: str
+) -> Callable[[Any, Request], Response]:
     """For the direct path: any result as FastAPI would send it. A Response as it is; anything else
-    validated as the model first (as FastAPI validates a response; a mismatch is its 500)."""
+    validated and serialised through the route's response field, as FastAPI's `serialize_response`
+    does (a mismatch is its ResponseValidationError, a 500)."""
     cls, status_code = model
     serializer = cls.__pydantic_serializer__
 
-    def respond(result: Any) -> Response:
-        if type(result) is not cls:
-            if isinstance(result, Response):
-                return result
-            try:
-                result = cls.model_validate(result, from_attributes=True)
-            except ValidationError as exc:
-                raise ResponseValidationError(exc.errors(include_url=False), body=result) from exc
-        body = serializer.to_json(result, by_alias=True)
+    def respond(result: Any, request: Request) -> Response:
+        if type(result) is cls:
+            body = serializer.to_json(result, by_alias=True)
+        elif isinstance(result, Response):
+            return result
+        else:
+            value, errors = field.validate(result, {}, loc=("response",))
+            if errors:
+                context = _endpoint_context(call, request, path)
+                raise ResponseValidationError(errors=errors, body=result, endpoint_ctx=context)
+            body = field.serialize_json(value, by_alias=True)
         return Response(body, status_code=status_code, media_type="application/json")
 
     return respond
+
+
+def _endpoint_context(call: Callable[..., Any], request: Request, path: str) -> EndpointContext:
+    """Where the endpoint is, for a validation error's message, as FastAPI's handler gives it."""
+    context = _source_of(call).copy()
+    context["path"] = f"{request.method} {request.scope.get('root_path', '').rstrip('/')}{path}"
+    return context
+
+
+@functools.cache
+def _source_of(call: Callable[..., Any]) -> EndpointContext:
+    context = EndpointContext(function=call.__name__)
+    try:
+        context["file"] = inspect.getsourcefile(call) or ""
+        context["line"] = inspect.getsourcelines(call)[1]
+    except (OSError, TypeError):
+        pass
+    return context
+
+
+def _for_an_inclusion(route: APIRoute) -> bool:
+    """Whether FastAPI is building this route's handler for an `include_router` of its router. An
+    inclusion may add dependencies, a response class or prefix parameters that only FastAPI's handler
+    knows of (it passes them through a context of its own), so such a handler is FastAPI's."""
+    context = fastapi_routing._effective_route_context_var.get()
+    return context is not None and context.original_route is route
 
 
 def _taking_guarded_caller(

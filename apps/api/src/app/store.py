@@ -163,47 +163,73 @@ class WaitBound:
     """Bounds waits that each last at most `seconds` with one timer for all of them.
 
     `asyncio.timeout` arms a timer of its own for every wait (a libuv timer under uvloop, started and
-    stopped again: several µs a request when most waits end in a few ms). Here each wait is an
-    `asyncio.Timeout` with no deadline of its own, listed with its deadline; one timer, armed at the
-    earliest deadline, gives each overdue wait its deadline when it fires, so that wait ends as
-    `asyncio.timeout` would have ended it (TimeoutError in the waiting task, nothing else cancelled).
-    Every wait lasts the same `seconds`, so the list is in deadline order and the timer only ever
-    looks at its head. A wait that ends in time just leaves the list.
+    stopped again: several µs a request when most waits end in a few ms). Here each wait
+    (`async with bound():`) is an `asyncio.Timeout` with no deadline of its own, listed with its
+    deadline; one timer, armed at the earliest deadline, gives each overdue wait its deadline when it
+    fires, so that wait ends as `asyncio.timeout` would have ended it (TimeoutError in the waiting
+    task, nothing else cancelled). Every wait lasts the same `seconds`, so the list is in deadline
+    order and the timer only ever looks at its head. A wait that ends in time just leaves the list.
     """
 
-    __slots__ = ("_seconds", "_waits", "_sweep")
+    __slots__ = ("_seconds", "_waits", "_sweep", "_loop")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._waits: dict[asyncio.Timeout, float] = {}  # in order of deadline
+        self._waits: dict[asyncio.Timeout, float] = {}  # entered waits, in order of deadline
         self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> asyncio.Timeout:
-        """A bound for one wait, to enter at once (`async with`) and hand back through `end`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._seconds
-        bound = asyncio.Timeout(None)
-        self._waits[bound] = deadline
-        if self._sweep is None:
-            self._sweep = loop.call_at(deadline, self._expire, loop)
-        return bound
-
-    def end(self, bound: asyncio.Timeout) -> None:
-        self._waits.pop(bound, None)
+    def __call__(self) -> BoundedWait:
+        return BoundedWait(self)
 
     def __len__(self) -> int:
         return len(self._waits)
 
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _add(self, timeout: asyncio.Timeout) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._seconds
+        self._waits[timeout] = deadline
+        if self._sweep is None or self._loop is not loop:
+            self._loop = loop
+            self._sweep = loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        assert self._loop is not None
         self._sweep = None
-        now = loop.time()
+        now = self._loop.time()
         while self._waits:
-            bound, deadline = next(iter(self._waits.items()))
+            timeout, deadline = next(iter(self._waits.items()))
             if deadline > now + 0.001:  # the loop's clock may run a hair behind the timer's
-                self._sweep = loop.call_at(deadline, self._expire, loop)
+                self._sweep = self._loop.call_at(deadline, self._expire)
                 return
-            del self._waits[bound]
-            bound.reschedule(now)  # expires on the loop's next turn, as an asyncio.timeout would
+            del self._waits[timeout]
+            if timeout.expired() or timeout.when() is not None:
+                continue  # already ending
+            timeout.reschedule(now)  # expires on the loop's next turn, as an asyncio.timeout would
+
+    def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._waits.clear()
+
+
+class BoundedWait:
+    """One wait of a WaitBound: `async with` around what is waited for."""
+
+    __slots__ = ("_bound", "_timeout")
+
+    def __init__(self, bound: WaitBound) -> None:
+        self._bound = bound
+        self._timeout = asyncio.Timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._bound._add(self._timeout)
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._bound._waits.pop(self._timeout, None)
+        await self._timeout.__aexit__(kind, exc, tb)
 
 
 class Checkout:
@@ -232,12 +258,8 @@ class Checkout:
             if store._checkouts <= store._pool_size:
                 self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
             else:
-                bound = store._waits.start()
-                try:
-                    async with bound:
-                        self._conn = await store._pool.acquire()
-                finally:
-                    store._waits.end(bound)
+                async with store._waits():
+                    self._conn = await store._pool.acquire()
         except BaseException as exc:
             store._checkouts -= 1
             if isinstance(exc, UNAVAILABLE_ERRORS):
@@ -531,4 +553,5 @@ class PostgresStore:
         return None
 
     async def close(self) -> None:
+        self._waits.close()
         await self._pool.close()
