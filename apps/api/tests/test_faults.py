@@ -152,6 +152,42 @@ class TestWaitingForAConnection:
             assert store._checkouts == 0
             assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
 
+    async def test_connections_go_to_waiters_in_the_order_they_asked(
+        self, small_pool_app: FastAPI, held: Held, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = small_pool_app.state.store
+        served: list[str] = []
+
+        async def use(name: str) -> None:
+            async with store._connection():
+                served.append(name)
+                await asyncio.sleep(0.01)
+
+        newcomers: list[asyncio.Task[None]] = []
+        give_back = asyncpg.pool.Pool.release
+
+        async def release_as_a_newcomer_asks(pool: Any, connection: Any, *, timeout: Any = None) -> None:
+            if len(newcomers) < 2:
+
+                async def newcomer(name: str) -> None:
+                    await asyncio.sleep(0)  # asks just after the connection is back, before its waiter runs
+                    await use(name)
+
+                newcomers.append(asyncio.create_task(newcomer(f"newcomer-{len(newcomers) + 1}")))
+            await give_back(pool, connection, timeout=timeout)
+
+        waiting = []
+        for name in ("first", "second"):
+            waiting.append(asyncio.create_task(use(name)))
+            await asyncio.sleep(0.01)  # each asks after the one before
+        monkeypatch.setattr(asyncpg.pool.Pool, "release", release_as_a_newcomer_asks)
+        await held.release()
+        await asyncio.gather(*waiting, *newcomers)
+        # asyncpg's own queue lets a newcomer take a connection given back before the waiter woken
+        # for it runs; a turn per connection keeps the order.
+        assert served == ["first", "second", "newcomer-1", "newcomer-2"]
+        assert store._checkouts == 0
+
 
 class TestWaitBound:
     async def test_only_overdue_waits_end_and_each_as_a_timeout_of_its_own_task(self) -> None:

@@ -160,18 +160,24 @@ def comparable(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, st
     return response.status_code, response.content, sorted(response.headers.multi_items())
 
 
+@pytest.fixture
+def solved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests FastAPI's own handler solved the dependencies of, from now on."""
+    paths: list[str] = []
+    solve = fastapi_routing.solve_dependencies
+
+    async def counted(**kwargs: Any) -> Any:
+        paths.append(kwargs["request"].url.path)
+        return await solve(**kwargs)
+
+    monkeypatch.setattr(fastapi_routing, "solve_dependencies", counted)
+    return paths
+
+
 class TestDirectReads:
     async def test_answers_every_request_as_fastapi_would_without_its_request_handler(
-        self, monkeypatch: pytest.MonkeyPatch
+        self, solved: list[str]
     ) -> None:
-        solved: list[str] = []
-        solve = fastapi_routing.solve_dependencies
-
-        async def counted(**kwargs: Any) -> Any:
-            solved.append(kwargs["request"].url.path)
-            return await solve(**kwargs)
-
-        monkeypatch.setattr(fastapi_routing, "solve_dependencies", counted)
         answers: dict[str, list[tuple[int, bytes, list[tuple[str, str]]]]] = {}
         for name, route_class in (("guarded", GuardedRoute), ("fastapi", APIRoute)):
             transport = httpx.ASGITransport(app=things_app(route_class), raise_app_exceptions=False)
@@ -261,16 +267,8 @@ async def reference_app(settings: Any) -> AsyncIterator[FastAPI]:
 
 class TestDirectReadsOfTheApi:
     async def test_every_guarded_read_answers_as_fastapi_routing_the_same_endpoint(
-        self, app: FastAPI, reference_app: FastAPI, world: World, monkeypatch: pytest.MonkeyPatch
+        self, app: FastAPI, reference_app: FastAPI, world: World, solved: list[str]
     ) -> None:
-        solved: list[str] = []
-        solve = fastapi_routing.solve_dependencies
-
-        async def counted(**kwargs: Any) -> Any:
-            solved.append(kwargs["request"].url.path)
-            return await solve(**kwargs)
-
-        monkeypatch.setattr(fastapi_routing, "solve_dependencies", counted)
         admin = await world.admin()
         other = await world.admin("globex")
         ours = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")

@@ -236,14 +236,19 @@ class Checkout:
     """`async with store._connection() as conn`: a pooled connection for one operation; a database that
     cannot answer becomes DatabaseUnavailable (503) and a rule the SQL enforces a domain error.
 
-    Waiting for a connection is bounded by DB_ACQUIRE_TIMEOUT_S. Every checkout of the store's pool is
-    counted here: while there are no more of them than connections, one is free and `acquire` takes
-    it at once (or opens it, which the pool's connect timeout and the statement timeout bound); past
-    that the wait is bounded by the store's `WaitBound` (one timer for all waits: a timer per request
-    cost ~10 µs of it under load, benchmarks/README.md). Giving a connection back after a clean
-    operation waits for nothing that the connection's command timeout does not bound already (asyncpg
-    applies it to a ROLLBACK of a transaction left open and to the recycling close); after a failure
-    (a cancelled statement may still be being cancelled) it is bounded by DB_ACQUIRE_TIMEOUT_S too.
+    A connection is taken in turn: one turn per connection of the pool, given in the order asked for.
+    asyncpg's own queue lets a newcomer take a connection just given back before the waiter woken for
+    it runs, which under load starves some requests (a p99 several times the median at c=64); with
+    turns the wait is first come, first served. With a turn free, `acquire` takes a connection at
+    once (or opens it, which the pool's connect timeout and the statement timeout bound); waiting for
+    a turn is bounded by DB_ACQUIRE_TIMEOUT_S through the store's `WaitBound` (one timer for all waits:
+    a timer per request cost ~10 µs of it under load, benchmarks/README.md). Giving a connection back
+    after a clean operation waits for nothing that the connection's command timeout does not bound
+    already (asyncpg applies it to a ROLLBACK of a transaction left open and to the recycling close;
+    no operation here catches a statement's error and goes on, which could leave a cancel in flight);
+    after a failure (a cancelled statement may still be being cancelled) it is bounded by
+    DB_ACQUIRE_TIMEOUT_S too. `_checkouts` counts connections taken or waited for (for tests and
+    bookkeeping).
     """
 
     __slots__ = ("_store", "_conn")
@@ -253,13 +258,19 @@ class Checkout:
 
     async def __aenter__(self) -> PoolConnectionProxy[asyncpg.Record]:
         store = self._store
+        turns = store._turns
         store._checkouts += 1
         try:
-            if store._checkouts <= store._pool_size:
-                self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
-            else:
+            if turns.locked():
                 async with store._waits():
-                    self._conn = await store._pool.acquire()
+                    await turns.acquire()
+            else:
+                await turns.acquire()  # at once
+            try:
+                self._conn: PoolConnectionProxy[asyncpg.Record] = await store._pool.acquire()
+            except BaseException:
+                turns.release()
+                raise
         except BaseException as exc:
             store._checkouts -= 1
             if isinstance(exc, UNAVAILABLE_ERRORS):
@@ -276,6 +287,7 @@ class Checkout:
                 raise as_unavailable(release_error) from release_error
         finally:
             store._checkouts -= 1
+            store._turns.release()
         if isinstance(exc, UNAVAILABLE_ERRORS):
             raise as_unavailable(exc) from exc
         if isinstance(exc, asyncpg.PostgresError):
@@ -292,7 +304,10 @@ class PostgresStore:
         self._pool_size = pool.get_max_size()
         self._checkouts = 0  # connections taken or being waited for, through Checkout (the only way)
         self._acquire_timeout_s = acquire_timeout_s
-        self._waits = WaitBound(acquire_timeout_s)  # waits for a connection beyond the pool
+        # A turn per connection, given in the order asked for (asyncpg's own queue lets a newcomer take a
+        # connection just given back before the waiter woken for it), and waits for one bounded.
+        self._turns = asyncio.Semaphore(self._pool_size)
+        self._waits = WaitBound(acquire_timeout_s)
         self._migrations = list(migrations)
 
     def _connection(self) -> Checkout:
