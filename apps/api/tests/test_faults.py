@@ -188,6 +188,42 @@ class TestWaitingForAConnection:
         assert served == ["first", "second", "newcomer-1", "newcomer-2"]
         assert store._checkouts == 0
 
+    async def test_a_turn_cut_short_by_cancellation_goes_back_with_its_connection(
+        self, small_pool_app: FastAPI, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = small_pool_app.state.store
+        slow = asyncio.Event()
+        give_back = asyncpg.pool.PoolConnectionHolder.release
+
+        async def slow_release(holder: Any, timeout: Any) -> None:
+            await slow.wait()  # as when asyncpg waits for a cancelled statement's cancellation
+            await give_back(holder, timeout)
+
+        monkeypatch.setattr(asyncpg.pool.PoolConnectionHolder, "release", slow_release)
+
+        async def use() -> None:
+            async with store._connection() as conn:
+                await conn.fetchval("select 1")
+
+        users = [asyncio.create_task(use()) for _ in range(2)]
+        try:
+            await asyncio.sleep(0.2)  # both in their (slow) release
+            for user in users:
+                user.cancel()
+            await asyncio.gather(*users, return_exceptions=True)
+            # Cancelled, but their connections are not back yet: so are not their turns.
+            assert store._turns.locked()
+            newcomer = asyncio.create_task(use())
+            await asyncio.sleep(0.1)
+            assert not newcomer.done()
+        finally:
+            monkeypatch.undo()
+            slow.set()  # whatever happened above: the pool must get its connections back
+        await asyncio.wait_for(newcomer, 2)
+        assert not store._turns.locked() and store._checkouts == 0
+        pool = store._pool
+        assert pool.get_idle_size() == pool.get_size()
+
 
 class TestWaitBound:
     async def test_only_overdue_waits_end_and_each_as_a_timeout_of_its_own_task(self) -> None:

@@ -239,8 +239,9 @@ class Checkout:
     A connection is taken in turn: one turn per connection of the pool, given in the order asked for.
     asyncpg's own queue lets a newcomer take a connection just given back before the waiter woken for
     it runs, which under load starves some requests (a p99 several times the median at c=64); with
-    turns the wait is first come, first served. With a turn free, `acquire` takes a connection at
-    once (or opens it, which the pool's connect timeout and the statement timeout bound); waiting for
+    turns the wait is first come, first served. A turn goes back when its connection is back in the
+    pool, so with a turn free `acquire` takes a connection at once (or opens it, which the pool's
+    connect timeout and the statement timeout bound); waiting for
     a turn is bounded by DB_ACQUIRE_TIMEOUT_S through the store's `WaitBound` (one timer for all waits:
     a timer per request cost ~10 µs of it under load, benchmarks/README.md). Giving a connection back
     after a clean operation waits for nothing that the connection's command timeout does not bound
@@ -280,14 +281,26 @@ class Checkout:
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         store = self._store
+        turn_back = True
         try:
             await store._pool.release(self._conn, timeout=None if exc is None else store._acquire_timeout_s)
         except UNAVAILABLE_ERRORS as release_error:
             if exc is None:
                 raise as_unavailable(release_error) from release_error
+        except asyncio.CancelledError:
+            # Cancelled while asyncpg's (shielded) release goes on, e.g. waiting for a statement's
+            # cancellation: the turn goes back with the connection, not before it.
+            holder = self._conn._holder
+            if not holder.is_idle():
+                turn_back = False
+                store._checkouts -= 1
+                released = asyncio.ensure_future(holder.wait_until_released())
+                released.add_done_callback(lambda _: store._turns.release())
+            raise
         finally:
-            store._checkouts -= 1
-            store._turns.release()
+            if turn_back:
+                store._checkouts -= 1
+                store._turns.release()
         if isinstance(exc, UNAVAILABLE_ERRORS):
             raise as_unavailable(exc) from exc
         if isinstance(exc, asyncpg.PostgresError):
@@ -306,7 +319,7 @@ class PostgresStore:
         self._acquire_timeout_s = acquire_timeout_s
         # A turn per connection, given in the order asked for (asyncpg's own queue lets a newcomer take a
         # connection just given back before the waiter woken for it), and waits for one bounded.
-        self._turns = asyncio.Semaphore(self._pool_size)
+        self._turns = asyncio.BoundedSemaphore(self._pool_size)
         self._waits = WaitBound(acquire_timeout_s)
         self._migrations = list(migrations)
 
