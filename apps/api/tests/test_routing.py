@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -234,11 +233,6 @@ class TestDirectReads:
             assert added.status_code == 200 and added.json()["id"] == 1
 
 
-async def _lifespans(stack: AsyncExitStack, *apps: FastAPI) -> None:
-    for application in apps:
-        await stack.enter_async_context(application.router.lifespan_context(application))
-
-
 def as_fastapi_routes(app: FastAPI) -> None:
     """The app's guarded endpoints as FastAPI itself would route them: the guard a plain dependency."""
     routes: list[Any] = []
@@ -260,8 +254,7 @@ def as_fastapi_routes(app: FastAPI) -> None:
 async def reference_app(settings: Any) -> AsyncIterator[FastAPI]:
     reference = create_app(settings)
     as_fastapi_routes(reference)
-    async with AsyncExitStack() as stack:
-        await _lifespans(stack, reference)
+    async with reference.router.lifespan_context(reference):
         yield reference
 
 

@@ -56,6 +56,11 @@ class ModelResponse(NamedTuple):
     model: type[BaseModel]
     status_code: int
 
+    def send(self, instance: BaseModel) -> Response:
+        """An instance of exactly the model as FastAPI sends it: by alias, from its own serializer."""
+        body = self.model.__pydantic_serializer__.to_json(instance, by_alias=True)
+        return Response(body, status_code=self.status_code, media_type="application/json")
+
 
 class GuardedEndpoint(NamedTuple):
     call: Callable[..., Coroutine[Any, Any, Any]]  # the endpoint as written
@@ -73,7 +78,7 @@ class GuardedRoute(APIRoute):
             if found is not None:
                 name, self.guard = found
                 self._guarded = GuardedEndpoint(endpoint, name, _request_parameter(endpoint))
-                endpoint = _taking_guarded_caller(endpoint, name, _lenient(self._model))
+                endpoint = _taking_guarded_caller(self._guarded, _lenient(self._model))
         super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Handler:
@@ -187,14 +192,9 @@ def _lenient(model: ModelResponse | None) -> Callable[[Any], Any]:
     benchmarks/README.md). Anything else goes to FastAPI as it was."""
     if model is None:
         return lambda result: result
-    cls, status_code = model
-    serializer = cls.__pydantic_serializer__
 
     def respond(result: Any) -> Any:
-        if type(result) is not cls:
-            return result
-        body = serializer.to_json(result, by_alias=True)
-        return Response(body, status_code=status_code, media_type="application/json")
+        return model.send(result) if type(result) is model.model else result
 
     return respond
 
@@ -205,21 +205,18 @@ def _strict(
     """For the direct path: any result as FastAPI would send it. A Response as it is; anything else
     validated and serialised through the route's response field, as FastAPI's `serialize_response`
     does (a mismatch is its ResponseValidationError, a 500)."""
-    cls, status_code = model
-    serializer = cls.__pydantic_serializer__
 
     def respond(result: Any, request: Request) -> Response:
-        if type(result) is cls:
-            body = serializer.to_json(result, by_alias=True)
-        elif isinstance(result, Response):
+        if type(result) is model.model:
+            return model.send(result)
+        if isinstance(result, Response):
             return result
-        else:
-            value, errors = field.validate(result, {}, loc=("response",))
-            if errors:
-                context = _endpoint_context(call, request, path)
-                raise ResponseValidationError(errors=errors, body=result, endpoint_ctx=context)
-            body = field.serialize_json(value, by_alias=True)
-        return Response(body, status_code=status_code, media_type="application/json")
+        value, errors = field.validate(result, {}, loc=("response",))
+        if errors:
+            context = _endpoint_context(call, request, path)
+            raise ResponseValidationError(errors=errors, body=result, endpoint_ctx=context)
+        body = field.serialize_json(value, by_alias=True)
+        return Response(body, status_code=model.status_code, media_type="application/json")
 
     return respond
 
@@ -250,18 +247,16 @@ def _for_an_inclusion(route: APIRoute) -> bool:
     return context is not None and context.original_route is route
 
 
-def _taking_guarded_caller(
-    endpoint: Callable[..., Any], name: str, respond: Callable[[Any], Any]
-) -> Callable[..., Any]:
+def _taking_guarded_caller(guarded: GuardedEndpoint, respond: Callable[[Any], Any]) -> Callable[..., Any]:
     """The endpoint as FastAPI will call it: without the guarded parameter, which it finds instead
     where the route put it, and with the request (which FastAPI passes for free) to find it in."""
+    endpoint, name, request_name = guarded
     signature = inspect.signature(endpoint, eval_str=True)
     parameters = [p for p in signature.parameters.values() if p.name != name]
-    request_name = next((p.name for p in parameters if p.annotation is Request), None)
+    keep_request = request_name is not None
     if request_name is None:
         request_name = "_guarded_request"
         parameters.append(inspect.Parameter(request_name, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
-    keep_request = request_name in signature.parameters
 
     @functools.wraps(endpoint)
     async def call(**values: Any) -> Any:
