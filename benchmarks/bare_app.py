@@ -3,6 +3,9 @@
 endpoint, through a pool created by the app's own `create_pool` (same size, codecs, statement cache,
 connection reset), with no auth, no middleware, no models and no logic.
 
+The calls are the app's own operations (`app.operations`: each one's statement and its arguments bound
+by name, in the function's order), run straight on the pool: no Store, no transport, no row models.
+
 Same URL paths as the real API, so the same wrk scripts drive both. The organisation and user are
 fixed (BENCH_ORG_ID, BENCH_USER_ID).
 """
@@ -23,6 +26,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "api" / "src"))
+from app import operations as ops  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.database import create_pool  # noqa: E402
 
@@ -63,11 +67,15 @@ class NewRun(BaseModel):
     category_ids: list[str]
 
 
+def args(op: ops.Operation[Any], **given: Any) -> list[Any]:
+    """The call's arguments in the function's order (the app's own binding, by name)."""
+    return list(op.bind(None, given).values())
+
+
 @app.get("/collection/runs/{run_id}")
 async def get_run(run_id: UUID, request: Request) -> Response:
-    row = await request.app.state.pool.fetchrow(
-        "select * from public.collection_get_run($1, $2)", ORG_ID, run_id
-    )
+    op = ops.GET_RUN
+    row = await request.app.state.pool.fetchrow(op.sql, *args(op, org_id=ORG_ID, run_id=run_id))
     if row is None:
         return json_response({"detail": "not found"}, 404)
     return json_response(dict(row))
@@ -75,16 +83,21 @@ async def get_run(run_id: UUID, request: Request) -> Response:
 
 @app.get("/collection/runs")
 async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> Response:
+    op = ops.LIST_RUNS
     page = await request.app.state.pool.fetchval(
-        "select public.collection_list_runs($1, $2, $3, $4)", ORG_ID, limit, offset, None
+        op.sql,
+        *args(
+            op, org_id=ORG_ID, limit=limit, offset=offset, status=None, after_created_at=None, after_id=None
+        ),
     )
     return json_response(page)
 
 
 @app.post("/collection/estimate")
 async def estimate(body: Categories, request: Request) -> Response:
+    op = ops.ESTIMATE_INPUTS
     inputs = await request.app.state.pool.fetchval(
-        "select public.collection_estimate_inputs($1, $2)", ORG_ID, body.category_ids
+        op.sql, *args(op, org_id=ORG_ID, category_ids=body.category_ids)
     )
     return json_response(inputs)
 
@@ -93,29 +106,30 @@ async def estimate(body: Categories, request: Request) -> Response:
 async def create_run(body: NewRun, request: Request) -> Response:
     # The same two calls as the API's create (estimate inputs, then the guarded insert).
     pool = request.app.state.pool
-    await pool.fetchval("select public.collection_estimate_inputs($1, $2)", ORG_ID, body.category_ids)
+    estimate = ops.ESTIMATE_INPUTS
+    await pool.fetchval(estimate.sql, *args(estimate, org_id=ORG_ID, category_ids=body.category_ids))
+    create = ops.CREATE_RUN
     row = await pool.fetchrow(
-        "select * from public.collection_create_run($1, $2, $3, $4, $5, $6, $7)",
-        ORG_ID,
-        USER_ID,
-        body.name,
-        body.category_ids,
-        500 * len(body.category_ids),
-        50 * len(body.category_ids),
-        "sandbox",
+        create.sql,
+        *args(
+            create,
+            org_id=ORG_ID,
+            created_by=USER_ID,
+            name=body.name,
+            category_ids=body.category_ids,
+            estimated_cost_cents=500 * len(body.category_ids),
+            total_items=50 * len(body.category_ids),
+            provider="sandbox",
+        ),
     )
     return json_response(dict(row), 201)
 
 
 @app.post("/collection/runs/{run_id}/cancel")
 async def cancel_run(run_id: UUID, request: Request) -> Response:
+    op = ops.TRANSITION_RUN
     row = await request.app.state.pool.fetchrow(
-        "select * from public.collection_transition_run($1, $2, $3, $4, $5)",
-        ORG_ID,
-        run_id,
-        "cancel",
-        USER_ID,
-        None,
+        op.sql, *args(op, org_id=ORG_ID, run_id=run_id, action="cancel", actor=USER_ID, reason=None)
     )
     return json_response({"ok": True, "status": row["status"]})
 
@@ -126,7 +140,7 @@ async def healthz() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    # The arguments `collection-api serve` passes to uvicorn.run (apps/api/src/app/cli.py).
+    # The settings `collection-api serve` gives uvicorn (apps/api/src/app/cli.py).
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -5,7 +5,8 @@
 - Verifying a token (HS256, ES256) through the app's TokenVerifier: the full check, and a reuse.
 - The caller's permission: cold (the database) and warm (the access cache).
 - Where a request's CPU goes: GET /runs/{id} driven in-process through the ASGI app, one layer removed
-  at a time (CPU µs per request of this process, the best of 5 rounds).
+  at a time with FastAPI's public means (CPU µs per request of this process, the best of 10
+  interleaved rounds).
 """
 
 import json
@@ -16,17 +17,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
+from uuid import UUID
 
 import asyncpg
 import httpx
 import jwt
 from common import load_average, log, table  # noqa: I001  (common puts apps/api/src on sys.path)
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import SecretStr
+from starlette.routing import Route
 
-from app.auth import GUARDS, CurrentUser
-from app.models import CollectionRunResponse
-from app.routers.collection import AdminCall
+from app import operations as ops
+from app.auth import ORG_HEADER, CurrentUser, bearer_scheme, current_user
+from app.deps import Admin, Service, require_admin
 
 ROUND_TRIP_REQUESTS = 100
 ANATOMY_ROUNDS = 10
@@ -184,17 +187,20 @@ async def token_costs(ctx: Any) -> list[dict[str, Any]]:
 async def permission_costs(ctx: Any) -> list[dict[str, Any]]:
     from app.auth import AccessCache
     from app.config import Settings
-    from app.database import create_pool
-    from app.store import PostgresStore
+    from app.database import PostgresTransport, create_pool
+    from app.services.collection import CollectionService
+    from app.store import Store
 
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, database_url=SecretStr(ctx.pg.dsn), supabase_jwt_secret=SecretStr(ctx.secret)
     )
-    store = PostgresStore(await create_pool(settings), 5.0, [])
+    # As the lifespan builds them: the store on a Postgres transport, the cache on the service's lookup.
+    store = Store(PostgresTransport(await create_pool(settings), settings.db_acquire_timeout_s), [])
+    service = CollectionService(store, settings.pricing)
     user = ctx.bench.user_id
     try:
-        cold = AccessCache(store, 0)
-        warm = AccessCache(store, 5)
+        cold = AccessCache(service.user_access, 0)
+        warm = AccessCache(service.user_access, 5)
         return [
             {
                 "what": "permission lookup, cold (collection_user_access: 1 round trip)",
@@ -263,9 +269,21 @@ async def cpu_per_request(
 
 
 async def anatomy(ctx: Any) -> list[dict[str, Any]]:
-    from uuid import UUID
+    """GET /runs/{id}'s CPU, one layer removed per step, with FastAPI's public means only: a second app
+    without RequestContextMiddleware, `dependency_overrides` for the permission, and a probe route for
+    the service, store and models.
 
-    import app.routers.collection as collection_routes
+    While any override is set, FastAPI re-reads every dependency of the route on each request
+    (`solve_dependencies` builds a new dependant for each with `get_dependant`), which costs more
+    than our cached auth does. So the override that removes auth comes after a step with an override
+    that removes nothing (require_admin's own check, called directly): the difference between those
+    two is auth's own work. And after the probe, the same probe declaring the constant caller itself
+    with no override set shows what the override costs; the step that adds the first override is that
+    cost less FastAPI's resolution of require_admin's chain (bearer scheme, X-Org-Id, nested calls)."""
+    import importlib.util
+
+    from common import BENCH
+
     from app.config import Settings
     from app.main import create_app
     from app.observability import RequestContextMiddleware, configure_logging
@@ -278,49 +296,45 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
         supabase_jwt_issuer="collection-api-local",
         executor_enabled=False,
     )
-    # The access log as served (INFO, logfmt), written where it costs nothing to the terminal.
-    configure_logging("INFO")
-    handler = logging.getLogger().handlers[0]
+    # The access lines as served (INFO, the app's writer), written where they cost nothing to the terminal.
     devnull = open(os.devnull, "w")  # noqa: SIM115
-    handler.setStream(devnull)  # type: ignore[attr-defined]
+    configure_logging("INFO", stream=devnull)
     access = logging.getLogger("app.access")
 
-    # Routes that each drop one more layer, placed just before the real GET /runs/{run_id} in its
-    # router so that finding them costs the same. They are GuardedRoutes like it (the direct path),
-    # with a guard that hands over a constant caller instead of checking the token and permission.
     constant = CurrentUser(ctx.bench.user_id, None, org, "bench", "admin", frozenset({"admin.automation"}))
 
-    async def constant_caller(request: Request) -> AdminCall:
-        return AdminCall(constant, request.app.state.service)
+    # Both overrides take the request, so FastAPI's own work for them is the same; and both are
+    # coroutines (FastAPI runs a plain function, such as a lambda, in its thread pool).
+    async def checked_caller(request: Request) -> CurrentUser:
+        """require_admin's own check, called directly: the bearer token, the caller, the permission."""
+        credentials = await bearer_scheme(request)
+        user = await current_user(request, credentials, request.headers.get(ORG_HEADER))
+        return await require_admin(user)
 
-    GUARDS.add(constant_caller)
-    Constant = Annotated[AdminCall, Depends(constant_caller)]
+    async def constant_caller(request: Request) -> CurrentUser:
+        return constant
 
-    async def without_auth(run_id: str, admin: Constant) -> CollectionRunResponse:
-        return await admin.service.get_run(admin.org_id, run_id)
-
-    async def raw_sql(run_id: str, admin: Constant) -> Response:
-        row = await admin.service.store._pool.fetchrow(  # type: ignore[attr-defined]
-            "select * from public.collection_get_run($1, $2)", org, UUID(run_id)
+    async def raw_row(request: Request, org_id: UUID, run_id: str) -> Response:
+        pool = request.app.state.store.transport.pool
+        row = await pool.fetchrow(
+            ops.GET_RUN.sql, *ops.GET_RUN.bind(None, {"org_id": org_id, "run_id": UUID(run_id)}).values()
         )
         return Response(json.dumps(dict(row), default=str), media_type="application/json")
 
-    router = collection_routes.router
-    probes = [("/runs-probe/a/{run_id}", without_auth), ("/runs-probe/c/{run_id}", raw_sql)]
-    for path, endpoint in probes:
-        router.add_api_route(path, endpoint, methods=["GET"], response_model=CollectionRunResponse)
-    added = router.routes[-len(probes) :]
-    del router.routes[-len(probes) :]
-    real = next(
-        i for i, r in enumerate(router.routes) if getattr(r, "path", "") == "/collection/runs/{run_id}"
-    )
-    router.routes[real:real] = added
+    # Both probes declare the real route's dependencies (a caller, and the service they leave unused),
+    # so that FastAPI's work is the same and only what the endpoint does differs.
+    async def raw_get_run(run_id: str, request: Request, admin: Admin, service: Service) -> Response:
+        return await raw_row(request, admin.org_id, run_id)
+
+    async def raw_get_run_constant(
+        run_id: str,
+        request: Request,
+        admin: Annotated[CurrentUser, Depends(constant_caller)],
+        service: Service,
+    ) -> Response:
+        return await raw_row(request, admin.org_id, run_id)
 
     os.environ.update(BENCH_DSN=ctx.pg.dsn, BENCH_ORG_ID=str(org), BENCH_USER_ID=str(ctx.bench.user_id))
-    import importlib.util
-
-    from common import BENCH
-
     spec = importlib.util.spec_from_file_location("bare_app", BENCH / "bare_app.py")
     assert spec and spec.loader
     bare = importlib.util.module_from_spec(spec)
@@ -330,25 +344,74 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
     served = create_app(settings)
     lean = create_app(settings)
     lean.user_middleware = [m for m in lean.user_middleware if m.cls is not RequestContextMiddleware]
+    # The probe is reached as the real route is, through an included router with the same prefix,
+    # placed just before the collection router so that finding it costs the same (the app tries its
+    # routes in order: the documentation's, then the routers create_app includes, collection's first).
+    probes = APIRouter(prefix="/collection")
+    probes.add_api_route("/runs-probe/{run_id}", raw_get_run, methods=["GET"])
+    probes.add_api_route("/runs-probe-constant/{run_id}", raw_get_run_constant, methods=["GET"])
+    lean.include_router(probes)
+    routes = lean.router.routes
+    included = routes.pop()
+    routes.insert(next(i for i, r in enumerate(routes) if not isinstance(r, Route)), included)
+
     path = f"/collection/runs/{run_id}"
-    base = "/collection/runs-probe"
-    # (label, app, path, access log on)
-    plan: list[tuple[str, FastAPI, str, bool]] = [
-        ("GET /runs/{id} as served", served, path, True),
-        ("- the access log line", served, path, False),
-        ("- RequestContextMiddleware (request id, headers, metrics)", lean, path, False),
-        ("- the permission guard (token, caller, permission: cached)", lean, f"{base}/a/{run_id}", False),
+    probe_path = f"/collection/runs-probe/{run_id}"
+    # (label, the layer's short name, app, path, access line on, require_admin's override)
+    plan: list[tuple[str, str, FastAPI, str, bool, Callable[..., Any] | None]] = [
+        ("GET /runs/{id} as served", "", served, path, True, None),
+        ("- the access line", "access line", served, path, False, None),
         (
-            "- service, store, model_validate + serialisation (raw pool.fetchrow + json.dumps)",
+            "- RequestContextMiddleware (request id, headers, metrics)",
+            "RequestContextMiddleware",
             lean,
-            f"{base}/c/{run_id}",
+            path,
             False,
+            None,
         ),
         (
-            "the bare app (FastAPI's request handler instead of GuardedRoute's direct path)",
+            "+ require_admin overridden by its own check, called directly (with any override set, "
+            "FastAPI re-reads each dependency per request)",
+            OVERRIDE_SET,
+            lean,
+            path,
+            False,
+            checked_caller,
+        ),
+        (
+            "- auth: require_admin overridden by a constant caller (still a dependency; no token, "
+            "caller cache or permission)",
+            "auth (token, caller, permission)",
+            lean,
+            path,
+            False,
+            constant_caller,
+        ),
+        (
+            "- service, store, model_validate + serialisation (probe route: raw pool.fetchrow + "
+            "json.dumps, the same dependencies and override)",
+            "service, store, models",
+            lean,
+            probe_path,
+            False,
+            constant_caller,
+        ),
+        (
+            "- the override itself (the same probe declaring the constant caller as its dependency; "
+            "no override set)",
+            OVERRIDE_COST,
+            lean,
+            f"/collection/runs-probe-constant/{run_id}",
+            False,
+            None,
+        ),
+        (
+            "the bare app (the same SQL; no dependencies, no middleware, its routes on the app)",
+            "FastAPI: two dependencies, an included router",
             bare_app,
             path,
             False,
+            None,
         ),
     ]
     best = {label: float("inf") for label, *_ in plan}
@@ -360,26 +423,27 @@ async def anatomy(ctx: Any) -> list[dict[str, Any]]:
         ):
             # Rounds interleave the steps, so a burst of load from elsewhere cannot favour one of them.
             for _ in range(ANATOMY_ROUNDS):
-                for label, app, probe, logged in plan:
+                for label, _, app, url, logged, override in plan:
                     access.disabled = not logged
-                    us = await cpu_per_request(app, probe, token, n=400, rounds=1)
+                    app.dependency_overrides.clear()
+                    if override is not None:
+                        app.dependency_overrides[require_admin] = override
+                    us = await cpu_per_request(app, url, token, n=400, rounds=1)
                     best[label] = min(best[label], us)
     finally:
-        del router.routes[real : real + len(probes)]
         access.disabled = False
         logging.getLogger().handlers.clear()
         devnull.close()
-    steps = [(label, best[label]) for label, *_ in plan]
-
-    # Each line's layer is what removing it saved: the line above minus this one.
+    # Each line's layer is what removing it saved (the line above minus this one; negative: it added).
     rows = []
-    for i, (label, us) in enumerate(steps):
-        previous = steps[i - 1][1] if i else None
+    for i, (label, layer, *_) in enumerate(plan):
+        previous = best[plan[i - 1][0]] if i else None
         rows.append(
             {
                 "step": label,
-                "cpu_us": us,
-                "layer_us": round(previous - us, 1) if previous is not None else None,
+                "layer": layer,
+                "cpu_us": best[label],
+                "layer_us": round(previous - best[label], 1) if previous is not None else None,
             }
         )
     return rows
@@ -396,13 +460,42 @@ async def run(ctx: Any) -> dict[str, Any]:
     log("part 3: where GET /runs/{id} spends its CPU (in-process, layer by layer)")
     layers = await anatomy(ctx)
     for row in layers:
-        log(f"  {row['step']:66s} {row['cpu_us']:7.1f} µs")
+        log(f"  {row['cpu_us']:7.1f} µs  {row['step']}")
     return {
         "round_trips": trips,
         "auth": tokens + permissions,
         "anatomy": layers,
         "load_average": load_average(),
     }
+
+
+OVERRIDE_SET = "an override, less require_admin's chain"
+OVERRIDE_COST = "an override being set"
+
+
+def require_admin_chain_us(steps: list[dict[str, Any]]) -> float | None:
+    """FastAPI's own resolution of require_admin's chain: what the override costs (its own line) less
+    what the line that sets it added."""
+    by_layer = {r["layer"]: r["layer_us"] for r in steps}
+    if by_layer.get(OVERRIDE_COST) is None or by_layer.get(OVERRIDE_SET) is None:
+        return None
+    return round(by_layer[OVERRIDE_COST] + by_layer[OVERRIDE_SET], 1)
+
+
+def layers(steps: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """GET /runs/{id}'s server CPU by layer: the steps' differences, the two lines about the override
+    taken together as FastAPI's resolution of require_admin's chain, and the bare app whole."""
+    found: list[tuple[str, float]] = []
+    for r in steps:
+        if r["layer_us"] is None or r["layer"] == OVERRIDE_COST:
+            continue
+        if r["layer"] == OVERRIDE_SET:
+            chain = require_admin_chain_us(steps)
+            if chain is not None:
+                found.append(("FastAPI: require_admin's chain", chain))
+            continue
+        found.append((r["layer"], r["layer_us"]))
+    return [*found, ("the bare app, all of it", steps[-1]["cpu_us"])]
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -426,12 +519,18 @@ def tables(result: dict[str, Any]) -> str:
         ),
         table(
             [
-                "GET /runs/{id}, in-process, one layer removed per line",
+                "GET /runs/{id}, in-process, one layer removed (-) or added (+) per line",
                 "CPU µs/request",
-                "the layer removed µs",
+                "the line above minus this one µs",
             ],
             [[r["step"], r["cpu_us"], r["layer_us"]] for r in result["anatomy"]],
             "Part 3: where the server's CPU goes (same process, no HTTP parsing)",
         ),
     ]
+    chain = require_admin_chain_us(result["anatomy"])
+    if chain is not None:
+        out.append(
+            "FastAPI resolving require_admin's chain (bearer scheme, X-Org-Id, nested dependencies) = "
+            f"the override's cost less what the line setting it added: {chain:.1f} µs"
+        )
     return "\n".join(out)

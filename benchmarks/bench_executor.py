@@ -150,8 +150,9 @@ async def startup(ctx: Any, label: str, times: int = 3) -> dict[str, Any]:
         "recovery_line": starts[-1]["recovery_line"],
     }
     log(
-        f"  start-up, {label:24s} /healthz {result['healthz_s']} s, recovery line {result['recovery_log_s']} s "
-        f"(lifespan start -> recovery logged {result['lifespan_to_recovery_ms']} ms; lifespan {result['lifespan_ms']} ms)"
+        f"  start-up, {label:24s} /healthz {result['healthz_s']} s, "
+        f"recovery line {result['recovery_log_s']} s (lifespan start -> recovery logged "
+        f"{result['lifespan_to_recovery_ms']} ms; lifespan {result['lifespan_ms']} ms)"
     )
     return result
 
@@ -219,7 +220,8 @@ def tables(result: dict[str, Any]) -> str:
                     "recovery line",
                 ],
                 start_rows,
-                "Part 4: server start-up, median of 3 (Postgres already running; process start = before Python imports)",
+                "Part 4: server start-up, median of 3 (Postgres already running; "
+                "process start = before Python imports)",
             ),
         ]
     )

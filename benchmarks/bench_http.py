@@ -143,7 +143,9 @@ def run(ctx: Any) -> dict[str, Any]:
             ours, bare = side_by_side(ctx.api, ctx.bare, postmaster, script, c, env)
             db = db_limit(ctx, op, c)
             baseline = measured(ctx.baseline, postmaster, script, c, env) if ctx.baseline else None
-            rest = measured(ctx.rest, postmaster, script, c, env) if ctx.rest and op in REST_ENDPOINTS else None
+            rest = (
+                measured(ctx.rest, postmaster, script, c, env) if ctx.rest and op in REST_ENDPOINTS else None
+            )
             row = {
                 "endpoint": label,
                 "op": op,
@@ -185,7 +187,9 @@ def run(ctx: Any) -> dict[str, Any]:
         "aims": aims(rows),
         "duration_s": DURATION,
         "warmup_s": WARMUP,
-        "baseline": f"the API at git {os.environ['BENCH_BASELINE']}" if os.environ.get("BENCH_BASELINE") else None,
+        "baseline": f"the API at git {os.environ['BENCH_BASELINE']}"
+        if os.environ.get("BENCH_BASELINE")
+        else None,
     }
 
 
@@ -269,12 +273,27 @@ def tables(result: dict[str, Any]) -> str:
     if any("rest" in r for r in result["rows"]):
         out.append(
             table(
-                ["endpoint", "c", "direct req/s", "p50 ms", "p99 ms", "REST mode req/s", "p50 ms", "p99 ms", "REST/direct"],
+                [
+                    "endpoint",
+                    "c",
+                    "direct req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "REST mode req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "REST/direct",
+                ],
                 [
                     [
-                        r["endpoint"], r["concurrency"],
-                        r["ours"]["rps"], r["ours"]["p50_ms"], r["ours"]["p99_ms"],
-                        r["rest"]["rps"], r["rest"]["p50_ms"], r["rest"]["p99_ms"],
+                        r["endpoint"],
+                        r["concurrency"],
+                        r["ours"]["rps"],
+                        r["ours"]["p50_ms"],
+                        r["ours"]["p99_ms"],
+                        r["rest"]["rps"],
+                        r["rest"]["p50_ms"],
+                        r["rest"]["p99_ms"],
                         r["rest_over_ours_rps"],
                     ]
                     for r in result["rows"]

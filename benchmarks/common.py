@@ -163,8 +163,10 @@ class Proc:
         TMP.mkdir(parents=True, exist_ok=True)
         log_file = self.log_path.open("wb")
         self.started_at = time.perf_counter()
+        # Not in the repository: a developer's .env there (read from the working directory) must not
+        # reach the bench's servers, as clean_env keeps their exported settings out.
         self.process = subprocess.Popen(
-            self.cmd, env=self.env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT
+            self.cmd, env=self.env, cwd=TMP, stdout=log_file, stderr=subprocess.STDOUT
         )
         log_file.close()
         return self

@@ -1,5 +1,6 @@
 """The database limit: an endpoint's SQL straight through an asyncpg pool (the app's `create_pool`:
-same size, codecs, statement cache and reset), `--concurrency` tasks in a closed loop, no HTTP.
+same size, codecs, statement cache and reset), `--concurrency` tasks in a closed loop, no HTTP. The
+statements are the app's own operations (`app.operations`), their arguments bound by name.
 
 A separate process on uvloop (as uvicorn runs the server), so it measures the pool and Postgres, not
 the orchestrator. Prints one JSON line: requests, seconds, rps, p50/p90/p99/max in ms.
@@ -23,6 +24,7 @@ import uvloop
 from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "api" / "src"))
+from app import operations as ops  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.database import create_pool  # noqa: E402
 
@@ -38,38 +40,48 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     pool = await create_pool(settings)
     org, user, run = uuid.UUID(args.org), uuid.UUID(args.user), uuid.UUID(args.run)
 
+    def call(op: ops.Operation[Any], **given: Any) -> tuple[Any, ...]:
+        """The operation's statement and its arguments in the function's order (bound by name)."""
+        return (op.sql, *op.bind(None, given).values())
+
+    # Bound once where the arguments never change: the client's own work stays out of the limit.
+    get_run_call = call(ops.GET_RUN, org_id=org, run_id=run)
+    list_runs_call = call(
+        ops.LIST_RUNS, org_id=org, limit=20, offset=0, status=None, after_created_at=None, after_id=None
+    )
+    estimate_call = call(ops.ESTIMATE_INPUTS, org_id=org, category_ids=CATEGORIES)
+    cats = CATEGORIES[:2]
+    create_calls = (
+        call(ops.ESTIMATE_INPUTS, org_id=org, category_ids=cats),
+        call(
+            ops.CREATE_RUN,
+            org_id=org,
+            created_by=user,
+            name="bench",
+            category_ids=cats,
+            estimated_cost_cents=1000,
+            total_items=100,
+            provider="sandbox",
+        ),
+    )
+
     async def get_run() -> None:
-        await pool.fetchrow("select * from public.collection_get_run($1, $2)", org, run)
+        await pool.fetchrow(*get_run_call)
 
     async def list_runs() -> None:
-        await pool.fetchval("select public.collection_list_runs($1, $2, $3, $4)", org, 20, 0, None)
+        await pool.fetchval(*list_runs_call)
 
     async def estimate() -> None:
-        await pool.fetchval("select public.collection_estimate_inputs($1, $2)", org, CATEGORIES)
+        await pool.fetchval(*estimate_call)
 
     async def create() -> uuid.UUID:
-        cats = CATEGORIES[:2]
-        await pool.fetchval("select public.collection_estimate_inputs($1, $2)", org, cats)
-        row = await pool.fetchrow(
-            "select * from public.collection_create_run($1, $2, $3, $4, $5, $6, $7)",
-            org,
-            user,
-            "bench",
-            cats,
-            1000,
-            100,
-            "sandbox",
-        )
+        await pool.fetchval(*create_calls[0])
+        row = await pool.fetchrow(*create_calls[1])
         return row["id"]  # type: ignore[no-any-return]
 
     async def cancel(run_id: uuid.UUID) -> None:
         await pool.fetchrow(
-            "select * from public.collection_transition_run($1, $2, $3, $4, $5)",
-            org,
-            run_id,
-            "cancel",
-            user,
-            None,
+            *call(ops.TRANSITION_RUN, org_id=org, run_id=run_id, action="cancel", actor=user, reason=None)
         )
 
     simple = {"get_run": get_run, "list_runs": list_runs, "estimate": estimate}

@@ -8,6 +8,9 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
+import common  # noqa: F401  (puts apps/api/src on sys.path)
+
+from app import operations as ops
 
 BENCH_EMAIL = "bench@local.test"
 BIG_ORG_SLUG = "bench-big"
@@ -39,9 +42,13 @@ async def identity(conn: asyncpg.Connection, slug: str, email: str = BENCH_EMAIL
         user_id,
         org_id,
     )
-    await conn.execute(
-        "select public.collection_update_settings($1, $2, $3, $4)", org_id, MAX_BUDGET_CENTS, 80, 1000
-    )
+    limits = {
+        "org_id": org_id,
+        "budget_cap_cents": MAX_BUDGET_CENTS,
+        "soft_warning_percent": 80,
+        "max_concurrent_runs": 1000,
+    }
+    await conn.execute(ops.UPDATE_SETTINGS.sql, *ops.UPDATE_SETTINGS.bind(None, limits).values())
     return Identity(user_id, org_id)
 
 

@@ -3,8 +3,9 @@
     python benchmarks/run.py [list] [http] [costs] [executor]     (default: all four)
 
 Environment: BENCH_DURATION (s per load point, default 5), BENCH_WARMUP (1), BENCH_TABLE_ROWS
-(1,000,000), BENCH_ORG_ROWS (100,000), BENCH_KEEP_DATA=1 keeps benchmarks/results/tmp/data,
-BENCH_BASELINE=<git ref> also measures the API as it was at that commit (a before/after in one run).
+(1,000,000), BENCH_ORG_ROWS (100,000), BENCH_DEEP_OFFSET (90,000), BENCH_KEEP_DATA=1 keeps
+benchmarks/results/tmp/data, BENCH_BASELINE=<git ref> also measures the API as it was at that commit
+(a before/after in one run, on the same database and schema).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -105,7 +105,9 @@ def rest_servers(pg: BenchPostgres, secret: str) -> tuple[Proc, Proc]:
     bridge = Proc(
         "rest-bridge",
         [sys.executable, str(BENCH / "rest_bridge.py")],
-        clean_env(BENCH_DSN=pg.dsn, BENCH_JWT_SECRET=secret, BENCH_SERVICE_KEY=service_key, PORT=str(bridge_port)),
+        clean_env(
+            BENCH_DSN=pg.dsn, BENCH_JWT_SECRET=secret, BENCH_SERVICE_KEY=service_key, PORT=str(bridge_port)
+        ),
         bridge_port,
     )
     port = free_port()
@@ -126,8 +128,10 @@ def rest_servers(pg: BenchPostgres, secret: str) -> tuple[Proc, Proc]:
 
 
 def baseline_server(pg: BenchPostgres, ref: str) -> Proc:
-    """The API as it was at git `ref` (BENCH_BASELINE=<commit>), on the same database and migrations:
-    a before/after of request-path work in one run."""
+    """The API as it was at git `ref` (BENCH_BASELINE=<commit>), on the same database and schema: a
+    before/after of request-path work in one run. Its code must call the functions of today's schema
+    as they are (079d666 calls GET /runs/{id}, GET /runs, POST /estimate, POST /runs and cancel's
+    functions by position, which the baseline schema still answers)."""
     target = TMP / "baseline"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -140,48 +144,45 @@ def baseline_server(pg: BenchPostgres, ref: str) -> Proc:
     proc = api_server(pg, "api-baseline")
     proc.cmd = [sys.executable, "-m", "app.cli", "serve"]
     proc.env["PYTHONPATH"] = str(target / "apps" / "api" / "src")
-    proc.env["SUPABASE_DIR"] = str(REPO / "supabase")  # the copy has no repository around it
+    # The copy has no repository around it; its readiness then finds today's baseline applied.
+    proc.env["SUPABASE_DIR"] = str(REPO / "supabase")
     return proc
 
 
-def migrations_before(fixes: tuple[str, ...]) -> Path:
-    """supabase/ without the migrations whose effect part 2 shows (the 'before' schema)."""
-    target = TMP / "supabase-before"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(REPO / "supabase", target)
-    for fix in fixes:
-        for path in (target / "migrations").glob(f"{fix}_*.sql"):
-            path.unlink()
-    return target
-
-
-async def prepare(ctx: Context, supabase_dir: Path, big: bool) -> dict[str, Any]:
+async def prepare(ctx: Context, big: bool) -> dict[str, Any]:
+    from app import operations as ops
+    from app.config import packaged
+    from app.database import init_connection
     from app.migrate import apply_migrations
     from app.services.collection import encode_cursor
 
     info: dict[str, Any] = {}
     conn = await asyncpg.connect(ctx.pg.dsn)
     try:
-        await apply_migrations(conn, supabase_dir, local_bootstrap=True, seed=True)
+        # The schema the servers apply at start-up (the package's supabase/), applied here first so
+        # that the data can be loaded before any server starts.
+        await apply_migrations(conn, packaged("supabase"), local_bootstrap=True, seed=True)
         await conn.execute("create extension if not exists pg_stat_statements")
         ctx.bench = await identity(conn, "bench")
         await seed_runs(conn, ctx.bench.org_id, ctx.bench.user_id, BENCH_ORG_RUNS)
-        page = await conn.fetch(
-            "select id, created_at from public.collection_runs where org_id = $1 "
-            "order by created_at desc, id desc limit 20",
-            ctx.bench.org_id,
+        # The run GET /runs/{id} asks for and the cursor after the first page, as the API lists them.
+        await init_connection(conn)
+        first = {"org_id": ctx.bench.org_id, "limit": 20, "offset": 0, "status": None}
+        value = await conn.fetchval(
+            ops.LIST_RUNS.sql,
+            *ops.LIST_RUNS.bind(None, {**first, "after_created_at": None, "after_id": None}).values(),
         )
-        ctx.run_id = page[0]["id"]
-        ctx.cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"])
+        runs = ops.LIST_RUNS.read(value).runs
+        ctx.run_id = runs[0].id
+        ctx.cursor = encode_cursor(runs[-1].created_at, runs[-1].id)
         if big:
             ctx.big = await identity(conn, BIG_ORG_SLUG, "bench-big@local.test")
             log(f"loading {TABLE_ROWS:,} runs ({ORG_ROWS:,} in org {BIG_ORG_SLUG}) with SQL")
             info["load"] = await load_million(conn, ctx.big, TABLE_ROWS, ORG_ROWS)
             ctx.big_rows = ORG_ROWS
             info["table_rows"] = await conn.fetchval("select count(*) from public.collection_runs")
-            log(
-                f"  loaded in {info['load']['insert_s']:.1f} s, VACUUM ANALYZE {info['load']['vacuum_analyze_s']:.1f} s"
-            )
+            load = info["load"]
+            log(f"  loaded in {load['insert_s']:.1f} s, VACUUM ANALYZE {load['vacuum_analyze_s']:.1f} s")
     finally:
         await conn.close()
     ctx.token = ctx.sign(ctx.bench.user_id, "bench@local.test")
@@ -200,29 +201,19 @@ def main(argv: list[str]) -> int:
     about = machine()
     about["parts"] = parts
     log(
-        f"machine: {about['nproc']} CPUs ({about['cpu_model']}), {about['memory_gib']} GiB; load {about['load_average_at_start']}"
+        f"machine: {about['nproc']} CPUs ({about['cpu_model']}), {about['memory_gib']} GiB; "
+        f"load {about['load_average_at_start']}"
     )
     ctx.pg.start()
     ctx.secret = ctx.pg.jwt_secret()
     try:
-        before_dir = migrations_before(bench_list.FIX_MIGRATIONS) if "list" in parts else REPO / "supabase"
-        info = asyncio.run(prepare(ctx, before_dir, big="list" in parts))
+        info = asyncio.run(prepare(ctx, big="list" in parts))
 
-        list_result: dict[str, Any] = {}
-        if "list" in parts:
-            log(
-                f"part 2: GET /runs with {info['table_rows']:,} runs, before {' + '.join(bench_list.FIX_MIGRATIONS)}"
-            )
-            ctx.api = ctx.start(api_server(ctx.pg, "api-before", SUPABASE_DIR=str(before_dir)))
-            list_result["before"] = asyncio.run(bench_list.run_phase(ctx, "before"))
-            ctx.api.stop()
-
-        # The server as `make run` starts it; it applies the migrations not yet applied.
+        # The server as `make run` starts it (the schema is already applied: it finds nothing to do).
         ctx.api = ctx.start(api_server(ctx.pg, "api"))
         if "list" in parts:
-            log("part 2: after them")
-            list_result["after"] = asyncio.run(bench_list.run_phase(ctx, "after"))
-            list_result["check"] = asyncio.run(bench_list.check_pages(ctx))
+            log(f"part 2: GET /runs with {info['table_rows']:,} runs ({ctx.big_rows:,} in the org)")
+            list_result = asyncio.run(bench_list.run(ctx))
             list_result.update(table_rows=info["table_rows"], org_rows=ctx.big_rows, load=info["load"])
             write_json("list", list_result)
 

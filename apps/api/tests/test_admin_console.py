@@ -4,6 +4,8 @@ test database, driven through Debian's chromium by Playwright.
 A person signs in by pasting a token, sees 401/403 explained, edits the settings (the API's 422 errors
 beside the fields), watches an estimate turn amber and then red with Create refused, creates and starts
 a run and watches its progress bar move to completed, and pauses and resumes another run from the list.
+A run page whose event stream is cut mid-run reconnects, resuming after the last event it received, and
+lists each status change once.
 Screenshots of the run page go to the test's folder; with UPDATE_DOCS_SCREENSHOT=1 the finished run's
 is also copied to docs/admin-run-page.png, the README's picture.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +28,8 @@ import asyncpg
 import httpx
 import pytest
 
-from app.config import REPO_ROOT, Settings
-from conftest import JWT_ISSUER, JWT_SECRET, Actor, World, free_port, sign_token
+from app.config import Settings
+from conftest import JWT_ISSUER, JWT_SECRET, REPO_ROOT, Actor, World, free_port, sign_token
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -47,7 +50,7 @@ if not CHROMIUM.exists():
         allow_module_level=True,
     )
 
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect  # noqa: E402
+from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("db")]
 
@@ -548,3 +551,134 @@ class TestRunsList:
         await page.click(f"tr[data-run-id='{busy['id']}'] a.run-link")
         await expect(page.locator("#run-status")).to_have_text("running", timeout=UI_TIMEOUT_MS)
         await expect(page.locator("#run-live")).to_have_text("live", timeout=UI_TIMEOUT_MS)
+
+
+async def stream_cut_short(url: str, actor: Actor, change: Callable[[], Awaitable[None]]) -> str:
+    """What a dropped connection delivers: the run's event stream as the server sends it up to its first
+    progress snapshot, then (after `change()`) on into the transition that change makes, cut off before
+    that event's `id:` line and the blank line that would complete it."""
+    sent = ""
+    changed = False
+    block: list[str] = []
+    async with httpx.AsyncClient(timeout=UI_TIMEOUT_MS / 1000) as http:
+        headers = {**actor.headers, "Accept": "text/event-stream"}
+        async with http.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if line:
+                    block.append(line)
+                    continue
+                if changed and "event: transition" in block:
+                    return sent + "".join(f"{field}\n" for field in block if not field.startswith("id:"))
+                sent += "".join(f"{field}\n" for field in block) + "\n"
+                if not changed and "event: progress" in block:
+                    await change()
+                    changed = True
+                block = []
+    raise AssertionError(f"the stream ended before the change's transition:\n{sent}")
+
+
+@dataclass
+class Change:
+    id: int
+    from_status: str
+    to_status: str
+    reason: str | None
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """How the run page lists it, after the time it happened."""
+        reason = f" ({self.reason})" if self.reason else ""
+        return re.compile(re.escape(f" {self.from_status} → {self.to_status}{reason}") + "$")
+
+
+async def changes_of(db: asyncpg.Pool, run_id: str) -> list[Change]:
+    """The run's status changes (its creation aside), in order."""
+    rows = await db.fetch(
+        "select id, from_status, to_status, reason from public.collection_run_events "
+        "where run_id = $1 and from_status is not null order by id",
+        run_id,
+    )
+    return [Change(r["id"], r["from_status"], r["to_status"], r["reason"]) for r in rows]
+
+
+class TestRunPageReconnects:
+    @pytest.mark.parametrize("replayed", [False, True], ids=["server-resumes", "server-replays-everything"])
+    async def test_a_cut_stream_resumes_after_its_last_event_and_lists_each_status_change_once(
+        self,
+        page: Page,
+        serve: Callable[..., Awaitable[ConsoleServer]],
+        world: World,
+        db: asyncpg.Pool,
+        replayed: bool,
+    ) -> None:
+        """`replayed`: the reconnect reaches the server without its Last-Event-ID (as through a proxy
+        that drops it), so every transition comes again and the page must skip those it has listed."""
+        # Slow calls: the run is far from done when the test has paused, resumed and cancelled it.
+        server = await serve(SANDBOX_LATENCY_MS="1000")
+        admin = await world.admin()
+        async with api_client(server, admin) as api:
+            run = (await api.post("/runs", json={"name": "Cut", "category_ids": ["a", "b", "c"]})).json()
+            assert (await api.post(f"/runs/{run['id']}/start")).status_code == 200
+
+            requests: list[dict[str, str]] = []  # the headers of each events request the console made
+            failures: list[BaseException] = []
+            cut, reconnected = asyncio.Event(), asyncio.Event()
+
+            async def pause() -> None:
+                assert (await api.post(f"/runs/{run['id']}/pause")).status_code == 200
+
+            async def events(route: Route) -> None:
+                requests.append(await route.request.all_headers())
+                if len(requests) > 1:
+                    reconnected.set()
+                    headers = {
+                        k: v for k, v in requests[-1].items() if not (replayed and k == "last-event-id")
+                    }
+                    await route.continue_(headers=headers)
+                    return
+                # The first stream drops mid-run, in the middle of an event: the pending → running
+                # transition and a snapshot arrive whole, the running → paused transition only in part (the
+                # reconnect must bring it, once).
+                try:
+                    body = await stream_cut_short(route.request.url, admin, pause)
+                    await route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+                except BaseException as error:
+                    failures.append(error)
+                    raise
+                finally:
+                    cut.set()
+
+            await page.route("**/collection/runs/*/events", events)
+            await sign_in(page, server, admin.token)
+            await page.click(f"tr[data-run-id='{run['id']}'] a.run-link")
+            await asyncio.wait_for(cut.wait(), UI_TIMEOUT_MS / 1000)
+            assert failures == []
+            await asyncio.wait_for(reconnected.wait(), UI_TIMEOUT_MS / 1000)
+            await page.click("summary >> text=Status changes")
+            log = page.locator("#run-log li")
+
+            # A change made on the resumed stream: once it is listed, so is everything that stream sent
+            # before it.
+            await expect(page.locator("#run-status")).to_have_text("paused", timeout=UI_TIMEOUT_MS)
+            await page.click("#run-actions >> text=Resume")
+            await expect(log.last).to_contain_text("paused → running", timeout=UI_TIMEOUT_MS)
+            await expect(log).to_have_text([c.pattern for c in await changes_of(db, run["id"])])
+
+            await page.click("#run-actions >> text=Cancel")
+            await expect(page.locator("#run-live")).to_have_text("ended: cancelled", timeout=UI_TIMEOUT_MS)
+
+        changes = await changes_of(db, run["id"])
+        assert [(c.from_status, c.to_status) for c in changes] == [
+            ("pending", "running"),
+            ("running", "paused"),
+            ("paused", "running"),
+            ("running", "cancelled"),
+        ]
+        await expect(log).to_have_text([c.pattern for c in changes])
+        assert await log.evaluate_all("items => items.map((li) => li.dataset.eventId)") == [
+            str(c.id) for c in changes
+        ]
+        # The console resumed after the last event it had whole, and once was enough.
+        assert "last-event-id" not in requests[0]
+        assert [r.get("last-event-id") for r in requests[1:]] == [str(changes[0].id)], requests

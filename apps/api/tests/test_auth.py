@@ -878,36 +878,58 @@ class TestAccessCache:
         assert await run_count(db) == 1
 
 
-class TestTheGuardComesFirst:
-    """GuardedRoute calls the permission guard before FastAPI reads the body or checks a parameter."""
+class TestAuthenticationComesFirst:
+    """A caller without a verifiable token learns nothing about an operation but 401: not that its
+    body is malformed, nor its parameters or headers out of bounds."""
 
     @pytest.mark.parametrize(
         ("method", "path", "body"),
         [
             ("POST", RUNS, {"category_ids": 5}),
             ("POST", "/collection/estimate", {"category_ids": "not a list"}),
+            ("POST", RUNS, b'{"category_ids": ["a"'),  # not JSON at all: FastAPI parses it first
+            ("POST", "/collection/estimate", b"\xff\xfe"),
             ("GET", RUNS + "?limit=0", None),
             ("PATCH", "/collection/settings", {"budget_cap_cents": -1}),
+            ("PATCH", "/collection/settings", b"[1, 2"),
         ],
     )
-    async def test_a_caller_without_a_token_learns_nothing_but_401(
-        self, client: httpx.AsyncClient, world: World, db, method: str, path: str, body: Any
+    @pytest.mark.parametrize("token", ["none", "bad"])
+    async def test_a_caller_without_a_valid_token_learns_nothing_but_401(
+        self, client: httpx.AsyncClient, world: World, db, method: str, path: str, body: Any, token: str
     ) -> None:
-        refused = await client.request(method, path, json=body)
+        send: dict[str, Any] = (
+            {"content": body, "headers": {"Content-Type": "application/json"}}
+            if isinstance(body, bytes)
+            else {"json": body}
+        )
+        bad = {"Authorization": "Bearer " + sign_token(uuid.uuid4(), exp=int(time.time()) - 60)}
+        refused = await client.request(
+            method,
+            path,
+            **{**send, "headers": {**send.get("headers", {}), **(bad if token == "bad" else {})}},
+        )
         assert refused.status_code == 401, refused.text
+        assert refused.json()["error"] == "not_authenticated"
+        assert refused.headers["www-authenticate"].startswith("Bearer")
         admin = await world.admin()
-        judged = await client.request(method, path, json=body, headers=admin.headers)
+        judged = await client.request(
+            method, path, **{**send, "headers": {**send.get("headers", {}), **admin.headers}}
+        )
         assert judged.status_code == 422, judged.text
         assert await run_count(db) == 0
 
-    async def test_an_over_long_org_header_is_422_like_a_declared_header(
+    async def test_an_over_long_org_header_is_422_for_a_verified_caller_only(
         self, client: httpx.AsyncClient, world: World, db
     ) -> None:
         admin = await world.admin()
-        for headers in ({"X-Org-Id": "x" * 65}, {**admin.headers, "X-Org-Id": "x" * 65}):
-            response = await client.post(RUNS, json={"category_ids": ["a"]}, headers=headers)
-            assert response.status_code == 422, response.text
-            assert response.json()["detail"][0]["loc"] == ["header", "X-Org-Id"]
+        anonymous = await client.post(RUNS, json={"category_ids": ["a"]}, headers={"X-Org-Id": "x" * 65})
+        assert anonymous.status_code == 401, anonymous.text
+        judged = await client.post(
+            RUNS, json={"category_ids": ["a"]}, headers={**admin.headers, "X-Org-Id": "x" * 65}
+        )
+        assert judged.status_code == 422, judged.text
+        assert judged.json()["detail"][0]["loc"] == ["header", "X-Org-Id"]
         assert await run_count(db) == 0
 
     async def test_concurrent_callers_each_get_their_own_organisation(

@@ -27,9 +27,9 @@ import asyncpg
 import httpx
 import pytest
 
-from app.config import REPO_ROOT, Settings
+from app.config import Settings
 from app.providers.sandbox import catalogue
-from conftest import JWT_ISSUER, JWT_SECRET, Actor, World, free_port
+from conftest import JWT_ISSUER, JWT_SECRET, REPO_ROOT, Actor, World, free_port
 
 pytestmark = pytest.mark.slow
 

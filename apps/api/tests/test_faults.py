@@ -15,8 +15,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.database import PostgresTransport
+from app.errors import DatabaseUnavailable
 from app.main import create_app
-from app.store import WaitBound
 from conftest import World, make_settings
 
 
@@ -64,7 +65,7 @@ class TestSlowDatabase:
             # for a connection): nothing piles up behind the lock.
             assert elapsed < 4.0
             # The pool gave every connection back and serves again at once.
-            pool = slow_app.state.store._pool
+            pool = transport_of(slow_app).pool
             assert pool.get_size() <= 4
             assert pool.get_idle_size() == pool.get_size()
             assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
@@ -84,11 +85,11 @@ class Held:
     """Both of the small pool's connections, taken until `release()` (at the latest when the test ends,
     so that a failing assertion cannot leave the pool waiting for them forever)."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, transport: PostgresTransport) -> None:
         self._free = asyncio.Event()
 
         async def hold() -> None:
-            async with store._connection():
+            async with transport.connection():
                 await self._free.wait()
 
         self._holders = [asyncio.create_task(hold()) for _ in range(2)]
@@ -98,9 +99,37 @@ class Held:
         await asyncio.gather(*self._holders)
 
 
+def transport_of(app: FastAPI) -> PostgresTransport:
+    transport = app.state.store.transport
+    assert isinstance(transport, PostgresTransport)
+    return transport
+
+
+async def every_connection_free(transport: PostgresTransport, timeout: float = 0.5) -> bool:
+    """Whether every turn and connection of the pool can be taken at once (none leaked)."""
+    size = transport.pool.get_max_size()
+    everyone = asyncio.Barrier(size + 1)
+
+    async def take() -> None:
+        async with transport.connection():
+            await everyone.wait()
+
+    takers = [asyncio.create_task(take()) for _ in range(size)]
+    try:
+        async with asyncio.timeout(timeout):
+            await everyone.wait()
+        await asyncio.gather(*takers)
+        return transport.pool.get_idle_size() == transport.pool.get_size()
+    except TimeoutError:
+        for taker in takers:
+            taker.cancel()
+        await asyncio.gather(*takers, return_exceptions=True)
+        return False
+
+
 @pytest.fixture
 async def held(small_pool_app: FastAPI) -> AsyncIterator[Held]:
-    holding = Held(small_pool_app.state.store)
+    holding = Held(transport_of(small_pool_app))
     await asyncio.sleep(0.1)
     try:
         yield holding
@@ -109,30 +138,28 @@ async def held(small_pool_app: FastAPI) -> AsyncIterator[Held]:
 
 
 class TestWaitingForAConnection:
-    async def test_checkouts_are_counted_back_after_cancelled_waits_and_failed_statements(
+    async def test_turns_come_back_after_cancelled_waits_and_failed_statements(
         self, small_pool_app: FastAPI, held: Held, world: World
     ) -> None:
         admin = await world.admin()
-        store = small_pool_app.state.store
-        waiting = asyncio.create_task(store.get_settings(admin.org_id))
+        transport = transport_of(small_pool_app)
+        waiting = asyncio.create_task(small_pool_app.state.service.get_settings(admin.org_id))
         await asyncio.sleep(0.1)
-        assert store._checkouts == 3
+        assert not waiting.done()  # behind the two held connections
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         await held.release()
         with pytest.raises(asyncpg.PostgresError):
-            async with store._connection() as conn:
+            async with transport.connection() as conn:
                 await conn.execute("select 1/0")
-        assert store._checkouts == 0
-        pool = store._pool
-        assert pool.get_idle_size() == pool.get_size()
+        assert await every_connection_free(transport)
 
     async def test_waits_nothing_else_bounds_each_end_in_503_after_their_own_acquire_timeout(
         self, small_pool_app: FastAPI, held: Held, world: World
     ) -> None:
         admin = await world.admin()
-        store = small_pool_app.state.store
+        transport = transport_of(small_pool_app)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=small_pool_app), base_url="http://t"
         ) as client:
@@ -145,21 +172,20 @@ class TestWaitingForAConnection:
 
             answers = await asyncio.gather(*(waited(0.15 * i) for i in range(4)))
             assert [answer for answer, _ in answers] == [(503, "database_unavailable")] * 4
-            # Each after its own 0.5 s, not all at the first one's deadline (one timer serves all).
+            # Each after its own 0.5 s, not all at the first one's deadline.
             assert all(0.45 < elapsed < 0.9 for _, elapsed in answers), answers
-            assert len(store._waits) == 0
             await held.release()
-            assert store._checkouts == 0
+            assert await every_connection_free(transport)
             assert (await client.get("/collection/settings", headers=admin.headers)).status_code == 200
 
     async def test_connections_go_to_waiters_in_the_order_they_asked(
         self, small_pool_app: FastAPI, held: Held, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        store = small_pool_app.state.store
+        transport = transport_of(small_pool_app)
         served: list[str] = []
 
         async def use(name: str) -> None:
-            async with store._connection():
+            async with transport.connection():
                 served.append(name)
                 await asyncio.sleep(0.01)
 
@@ -183,15 +209,16 @@ class TestWaitingForAConnection:
         monkeypatch.setattr(asyncpg.pool.Pool, "release", release_as_a_newcomer_asks)
         await held.release()
         await asyncio.gather(*waiting, *newcomers)
+        monkeypatch.undo()
         # asyncpg's own queue lets a newcomer take a connection given back before the waiter woken
         # for it runs; a turn per connection keeps the order.
         assert served == ["first", "second", "newcomer-1", "newcomer-2"]
-        assert store._checkouts == 0
+        assert await every_connection_free(transport)
 
-    async def test_a_turn_cut_short_by_cancellation_goes_back_with_its_connection(
+    async def test_a_connection_still_coming_back_after_a_cancelled_release_is_waited_for_bounded(
         self, small_pool_app: FastAPI, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        store = small_pool_app.state.store
+        transport = transport_of(small_pool_app)
         slow = asyncio.Event()
         give_back = asyncpg.pool.PoolConnectionHolder.release
 
@@ -202,69 +229,24 @@ class TestWaitingForAConnection:
         monkeypatch.setattr(asyncpg.pool.PoolConnectionHolder, "release", slow_release)
 
         async def use() -> None:
-            async with store._connection() as conn:
+            async with transport.connection() as conn:
                 await conn.fetchval("select 1")
 
         users = [asyncio.create_task(use()) for _ in range(2)]
         try:
-            await asyncio.sleep(0.2)  # both in their (slow) release
+            await asyncio.sleep(0.2)  # both in their (slow, shielded) release
             for user in users:
                 user.cancel()
             await asyncio.gather(*users, return_exceptions=True)
-            # Cancelled, but their connections are not back yet: so are not their turns.
-            assert store._turns.locked()
-            newcomer = asyncio.create_task(use())
-            await asyncio.sleep(0.1)
-            assert not newcomer.done()
+            # Their turns are back, their connections not yet: a newcomer waits in asyncpg's queue,
+            # but no longer than the acquire timeout (0.5 s), as any wait for a connection.
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                await use()
+            assert 0.45 < time.monotonic() - started < 1.5
+            slow.set()
+            await asyncio.wait_for(use(), 2)  # once the connections are back, at once
         finally:
             monkeypatch.undo()
             slow.set()  # whatever happened above: the pool must get its connections back
-        await asyncio.wait_for(newcomer, 2)
-        assert not store._turns.locked() and store._checkouts == 0
-        pool = store._pool
-        assert pool.get_idle_size() == pool.get_size()
-
-
-class TestWaitBound:
-    async def test_only_overdue_waits_end_and_each_as_a_timeout_of_its_own_task(self) -> None:
-        bound = WaitBound(0.3)
-        loop = asyncio.get_running_loop()
-        soon = asyncio.Event()
-
-        async def wait(delay: float, until: asyncio.Event) -> tuple[str, float]:
-            await asyncio.sleep(delay)
-            started = loop.time()
-            try:
-                async with bound():
-                    await until.wait()
-                return "done", loop.time() - started
-            except TimeoutError:
-                return "timed out", loop.time() - started
-
-        never = asyncio.Event()
-        waits = [
-            asyncio.create_task(wait(0.0, never)),
-            asyncio.create_task(wait(0.05, soon)),
-            asyncio.create_task(wait(0.1, never)),
-            asyncio.create_task(wait(0.2, never)),
-        ]
-        cancelled = asyncio.create_task(wait(0.0, never))
-        await asyncio.sleep(0.15)
-        soon.set()
-        cancelled.cancel()
-        results = await asyncio.gather(*waits)
-        assert [outcome for outcome, _ in results] == ["timed out", "done", "timed out", "timed out"]
-        assert all(0.29 < elapsed < 0.45 for outcome, elapsed in results if outcome == "timed out"), results
-        with pytest.raises(asyncio.CancelledError):  # cancelled from outside: not turned into a timeout
-            await cancelled
-        assert len(bound) == 0
-        assert bound._sweep is None  # nothing left to time
-
-    async def test_closing_stops_its_timer(self) -> None:
-        bound = WaitBound(30)
-        waiting = asyncio.create_task(bound().__aenter__())
-        await waiting
-        assert len(bound) == 1 and bound._sweep is not None
-        sweep = bound._sweep
-        bound.close()
-        assert len(bound) == 0 and bound._sweep is None and sweep.cancelled()
+        assert await every_connection_free(transport)

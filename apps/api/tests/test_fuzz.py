@@ -20,9 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-from app.config import REPO_ROOT
 from app.main import create_app
-from conftest import JWT_ISSUER, JWT_SECRET, World, free_port
+from conftest import JWT_ISSUER, JWT_SECRET, REPO_ROOT, World, free_port
 
 schema = schemathesis.openapi.from_dict(create_app().openapi())
 

@@ -15,9 +15,9 @@ import asyncpg
 import jwt
 import pytest
 
-from app.config import REPO_ROOT, Settings
+from app.config import Settings
 from app.embedded import EmbeddedPostgres
-from conftest import JWT_SECRET, free_port
+from conftest import JWT_SECRET, REPO_ROOT, free_port
 
 # The autouse truncation in conftest needs the session pool already set up (it cannot set it up from
 # inside the running event loop), so every test here asks for it.

@@ -1,20 +1,34 @@
-"""The migration runner: what it records, that running it again is harmless, and that /readyz knows
-when the database is behind the code."""
+"""The migration runner: what it records, that running it again is harmless, the Supabase CLI's rules
+it follows (file names, order, history, seed), `collection-api migrate` as a command (also from an
+installed wheel), and that /readyz knows when the database is behind the code.
+
+tests/test_supabase_cli.py holds the same rules to the real CLI."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
 import uuid
+import zipfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
-from app.config import REPO_ROOT
+from app.config import Settings
 from app.embedded import EmbeddedPostgres
-from app.migrate import apply_migrations, migrations
+from app.main import create_app
+from app.migrate import SEED_PATH, MigrationRefused, apply_migrations, migrations
+from conftest import REPO_ROOT, make_settings
 
 # The autouse truncation in conftest needs the session pool already set up (it cannot set it up from
 # inside the running event loop), so every test here asks for it.
@@ -83,6 +97,77 @@ async def fresh_database(embedded_pg: EmbeddedPostgres) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'drop database if exists "{name}" with (force)')
         await admin.close()
+
+
+def copy_project(tmp_path: Path) -> Path:
+    """A copy of the repository's supabase/ folder (`<tmp>/project/supabase`) for a scenario's files."""
+    target = tmp_path / "project" / "supabase"
+    shutil.copytree(SUPABASE_DIR, target, ignore=shutil.ignore_patterns(".temp", ".branches"))
+    return target
+
+
+async def bootstrap(dsn: str) -> None:
+    """What a hosted Supabase project has before any migration (roles, auth.users, auth.uid())."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute((SUPABASE_DIR / "local" / "bootstrap.sql").read_text())
+    finally:
+        await conn.close()
+
+
+async def applied_versions(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("select version from supabase_migrations.schema_migrations order by 1")
+    finally:
+        await conn.close()
+    return [r["version"] for r in rows]
+
+
+async def exists(dsn: str, relation: str) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(await conn.fetchval("select to_regclass($1) is not null", relation))
+    finally:
+        await conn.close()
+
+
+def command_env(**values: str) -> dict[str, str]:
+    """The outer environment without any setting of ours (no JWT secret or issuer, no SUPABASE_DIR),
+    plus `values`."""
+    ours = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ours}
+    return {**env, "PYTHONUNBUFFERED": "1", **values}
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_collection_api(env: dict[str, str], cwd: Path, *args: str) -> Finished:
+    """`python -m app.cli <args>` (what the `collection-api` script runs) in `cwd`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app.cli",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout.decode(), stderr.decode())
 
 
 @pytest.fixture
@@ -163,6 +248,22 @@ class TestReadiness:
         for other in migrations(SUPABASE_DIR)[:-1]:
             assert other.version not in body["detail"]
 
+    async def test_not_ready_when_the_package_carries_no_migrations(
+        self, migrated_dsn: str, tmp_path: Path
+    ) -> None:
+        empty = tmp_path / "supabase"
+        (empty / "migrations").mkdir(parents=True)
+        application = create_app(make_settings(migrated_dsn, tmp_path, supabase_dir=empty))
+        async with application.router.lifespan_context(application):
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                response = await client.get("/readyz")
+
+        assert response.status_code == 503
+        body = response.json()
+        assert body["ready"] is False
+        assert "carries no migrations" in body["detail"]
+
     async def test_ready_again_once_the_version_is_back(
         self, client: httpx.AsyncClient, db: asyncpg.Pool
     ) -> None:
@@ -186,3 +287,239 @@ class TestReadiness:
 
         assert response.status_code == 200, response.text
         assert response.json()["ready"] is True
+
+
+# Files a scenario adds to its copy of supabase/: all after the baseline unless said otherwise.
+OLDER_FILE = "20260101000000_older.sql"  # before the baseline's version
+OLDER_SQL = "create table public.older_one (id int);\n"
+NEXT_FILE = "20270101000000_next.sql"
+NEXT_SQL = "create table public.next_one (id int);\n"
+BADLY_NAMED = {
+    "notes.sql": "this is not SQL and must never run\n",
+    "20270101000000_next.sql.bak": NEXT_SQL,
+    "V2__flyway_style.sql": NEXT_SQL,
+}
+UNKNOWN_VERSION = "20990101000000"
+
+
+def skip_warning(name: str) -> str:
+    """The Supabase CLI's own words for a file it does not take as a migration."""
+    return f'Skipping migration {name}... (file name must match pattern "<timestamp>_name.sql")'
+
+
+class TestTheCliRules:
+    async def test_a_badly_named_file_is_skipped_with_the_clis_warning(
+        self, tmp_path: Path, fresh_database: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        project = copy_project(tmp_path)
+        for name, sql in BADLY_NAMED.items():
+            (project / "migrations" / name).write_text(sql)
+        (project / "migrations" / "20270101000001_a_folder.sql").mkdir()
+
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            with caplog.at_level(logging.WARNING, logger="app.migrate"):
+                applied = await apply_migrations(conn, project, local_bootstrap=True)
+        finally:
+            await conn.close()
+
+        assert applied == [m.version for m in migrations(SUPABASE_DIR)]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "app.migrate"]
+        assert sorted(warnings) == sorted(skip_warning(name) for name in BADLY_NAMED)
+        assert await applied_versions(fresh_database) == applied
+        assert not await exists(fresh_database, "public.next_one")
+
+    async def test_an_out_of_order_file_is_refused_and_applied_with_include_all(
+        self, tmp_path: Path, fresh_database: str
+    ) -> None:
+        project = copy_project(tmp_path)
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            baseline = await apply_migrations(conn, project, local_bootstrap=True)
+            (project / "migrations" / OLDER_FILE).write_text(OLDER_SQL)
+            (project / "migrations" / NEXT_FILE).write_text(NEXT_SQL)
+
+            with pytest.raises(MigrationRefused) as refused:
+                await apply_migrations(conn, project)
+
+            assert str(refused.value) == (
+                "Found local migration files to be inserted before the last migration on remote database."
+                "\n\nRerun the command with --include-all flag to apply these migrations:\n"
+                f"supabase/migrations/{OLDER_FILE}"
+            )
+            assert await applied_versions(fresh_database) == baseline
+            assert not await exists(fresh_database, "public.older_one")
+            assert not await exists(fresh_database, "public.next_one")
+
+            # As `supabase db push --include-all`: the older file first, then the rest in order.
+            applied = await apply_migrations(conn, project, include_all=True)
+        finally:
+            await conn.close()
+        older, newer = OLDER_FILE.split("_")[0], NEXT_FILE.split("_")[0]
+        assert applied == [older, newer]
+        assert await applied_versions(fresh_database) == sorted([*baseline, older, newer])
+        assert await exists(fresh_database, "public.older_one")
+
+    async def test_a_database_with_an_unknown_applied_version_is_refused(
+        self, tmp_path: Path, fresh_database: str
+    ) -> None:
+        project = copy_project(tmp_path)
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            baseline = await apply_migrations(conn, project, local_bootstrap=True)
+            await conn.execute(
+                "insert into supabase_migrations.schema_migrations (version, name) values ($1, 'elsewhere')",
+                UNKNOWN_VERSION,
+            )
+            (project / "migrations" / NEXT_FILE).write_text(NEXT_SQL)
+
+            # Refused even with include_all, as the CLI does: the history is not this checkout's.
+            for include_all in (False, True):
+                with pytest.raises(MigrationRefused) as refused:
+                    await apply_migrations(conn, project, include_all=include_all)
+                assert str(refused.value) == (
+                    "Remote migration versions not found in local migrations directory.\n\n"
+                    "Make sure your local git repo is up-to-date. If the error persists, try repairing the "
+                    "migration history table:\n"
+                    f"supabase migration repair --status reverted {UNKNOWN_VERSION}\n\n"
+                    "And update local migrations to match remote database:\nsupabase db pull"
+                )
+        finally:
+            await conn.close()
+        assert await applied_versions(fresh_database) == sorted([*baseline, UNKNOWN_VERSION])
+        assert not await exists(fresh_database, "public.next_one")
+
+
+SEEDED_ORG = "local"  # the organisation supabase/seed.sql inserts
+
+
+async def seed_record(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    rows = await conn.fetch("select path, hash from supabase_migrations.seed_files order by path")
+    return [(r["path"], r["hash"]) for r in rows]
+
+
+class TestSeed:
+    async def test_the_seed_is_applied_once_and_recorded(self, fresh_database: str) -> None:
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            await apply_migrations(conn, SUPABASE_DIR, local_bootstrap=True, seed=True)
+
+            digest = hashlib.sha256((SUPABASE_DIR / "seed.sql").read_bytes()).hexdigest()
+            assert await seed_record(conn) == [(SEED_PATH, digest)]
+            assert SEED_PATH == "supabase/seed.sql"
+            deleted = await conn.execute("delete from public.organizations where slug = $1", SEEDED_ORG)
+            assert deleted == "DELETE 1"
+
+            await apply_migrations(conn, SUPABASE_DIR, local_bootstrap=True, seed=True)
+
+            # Not run again: what the seed inserted and someone deleted stays deleted.
+            assert await conn.fetchval("select count(*) from public.organizations") == 0
+            assert await seed_record(conn) == [(SEED_PATH, digest)]
+        finally:
+            await conn.close()
+
+    async def test_a_changed_seed_only_has_its_hash_updated(
+        self, tmp_path: Path, fresh_database: str
+    ) -> None:
+        project = copy_project(tmp_path)
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            await apply_migrations(conn, project, local_bootstrap=True, seed=True)
+            seed = project / "seed.sql"
+            seed.write_text(
+                seed.read_text()
+                + "insert into public.organizations (slug, name) values ('added', 'Added');\n"
+            )
+
+            await apply_migrations(conn, project, local_bootstrap=True, seed=True)
+
+            slugs = await conn.fetch("select slug from public.organizations order by slug")
+            assert [r["slug"] for r in slugs] == [SEEDED_ORG]
+            assert await seed_record(conn) == [(SEED_PATH, hashlib.sha256(seed.read_bytes()).hexdigest())]
+        finally:
+            await conn.close()
+
+
+BROKEN_FILE = "20270101000000_broken.sql"
+HALF_DONE = "create table public.half_done (id int);\ninsert into public.half_done values (1);\n"
+BROKEN = {
+    # An error Postgres places in the file (a character position, said as its line).
+    "missing-table": (
+        HALF_DONE + "insert into public.no_such_table values (1);\n",
+        'failed at line 3: relation "public.no_such_table" does not exist (SQLSTATE 42P01)',
+    ),
+    # An error with a detail over several lines, said on the same one line.
+    "detail": (
+        HALF_DONE + "do $$ begin raise exception 'not today' using detail = E'first\\nsecond'; end $$;\n",
+        "failed: not today (first second) (SQLSTATE P0001)",
+    ),
+}
+
+
+class TestMigrateCommand:
+    @pytest.mark.parametrize("broken", BROKEN.keys())
+    async def test_a_failing_migration_is_rolled_back_whole_and_reported_on_one_line(
+        self, tmp_path: Path, fresh_database: str, broken: str
+    ) -> None:
+        sql, error = BROKEN[broken]
+        project = copy_project(tmp_path)
+        await bootstrap(fresh_database)
+        (project / "migrations" / BROKEN_FILE).write_text(sql)
+
+        # DATABASE_URL alone: no JWT secret, issuer or Supabase URL.
+        env = command_env(DATABASE_URL=fresh_database, SUPABASE_DIR=str(project))
+        result = await run_collection_api(env, tmp_path, "migrate")
+
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("collection-api:")]
+        assert errors == [
+            f"collection-api: migration supabase/migrations/{BROKEN_FILE} {error}; rolled back, nothing of "
+            "it applied"
+        ], result.stderr
+        # The baseline before it is applied; of the broken file, nothing (its table neither).
+        assert await applied_versions(fresh_database) == [m.version for m in migrations(SUPABASE_DIR)]
+        assert not await exists(fresh_database, "public.half_done")
+
+    async def test_an_installed_package_applies_the_migrations_it_carries(
+        self, tmp_path: Path, fresh_database: str
+    ) -> None:
+        uv = shutil.which("uv") or str(REPO_ROOT / ".tools" / "bin" / "uv")
+        if not Path(uv).is_file():
+            pytest.skip("no uv to build the wheel with (`make install` bootstraps one into .tools/)")
+        built = subprocess.run(
+            [uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(REPO_ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert built.returncode == 0, built.stderr
+        (wheel,) = (tmp_path / "dist").glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            expected = {f"app/supabase/migrations/{m.file_name}" for m in migrations(SUPABASE_DIR)}
+            assert expected <= names, sorted(n for n in names if n.startswith("app/supabase/"))
+            assert {"app/supabase/local/bootstrap.sql", "app/supabase/seed.sql"} <= names
+            archive.extractall(tmp_path / "site")
+
+        # The unpacked wheel first on the path, run from a folder outside the checkout.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        env = command_env(DATABASE_URL=fresh_database, PYTHONPATH=str(tmp_path / "site"))
+        found = subprocess.run(
+            [sys.executable, "-c", "import app.config; print(app.config.packaged('supabase'))"],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert Path(found.stdout.strip()) == tmp_path / "site" / "app" / "supabase"
+        await bootstrap(fresh_database)
+
+        result = await run_collection_api(env, elsewhere, "migrate")
+
+        assert result.returncode == 0, result.stderr
+        assert await applied_versions(fresh_database) == [m.version for m in migrations(SUPABASE_DIR)]

@@ -107,7 +107,7 @@ async def make_run(service: CollectionService, org_id: uuid.UUID, status: str = 
         org_id, None, CollectionRunCreate(name="race", category_ids=["electronics"])
     )
     for action in ACTIONS_TO[status]:
-        await service.transition(org_id, run.id, RunAction(action), None)
+        await getattr(service, f"{RunAction(action)}_run")(org_id, run.id, None)
     return run.id
 
 

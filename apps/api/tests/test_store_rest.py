@@ -19,9 +19,10 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 
+from app import operations as ops
 from app.cli import main as cli_main
 from app.config import Settings, StoreMode
-from app.database import create_pool
+from app.database import PostgresTransport, create_pool
 from app.errors import (
     BudgetExceeded,
     CollectionError,
@@ -33,8 +34,9 @@ from app.errors import (
 )
 from app.main import create_app
 from app.migrate import migrations
-from app.store import PostgresStore
-from app.store_rest import RestStoreError, SupabaseRestStore
+from app.models import CollectionRunResponse
+from app.store import Store
+from app.store_rest import RestStoreError, RestTransport
 from conftest import JWT_SECRET, SERVICE_ROLE_KEY, World, create_run, free_port, make_settings
 from postgrest_bridge import Answer, PostgrestBridge, error_body, http_status
 
@@ -93,23 +95,50 @@ async def rest_client(rest_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def pg_store(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[PostgresStore]:
+async def pg_store(migrated_dsn: str, tmp_path: Path) -> AsyncIterator[Store]:
     settings = make_settings(migrated_dsn, tmp_path)
-    store = PostgresStore(
-        await create_pool(settings), 2.0, [m.version for m in migrations(settings.supabase_dir)]
-    )
+    transport = PostgresTransport(await create_pool(settings), 2.0)
+    store = Store(transport, [m.version for m in migrations(settings.supabase_dir)])
     yield store
     await store.close()
 
 
 @pytest.fixture
-async def rest_store(
-    bridge: PostgrestBridge, migrated_dsn: str, tmp_path: Path
-) -> AsyncIterator[SupabaseRestStore]:
+async def rest_store(bridge: PostgrestBridge, migrated_dsn: str, tmp_path: Path) -> AsyncIterator[Store]:
     settings = rest_settings(migrated_dsn, tmp_path, bridge.url)
-    store = await SupabaseRestStore.connect(settings, [m.version for m in migrations(settings.supabase_dir)])
+    transport = await RestTransport.connect(settings)
+    store = Store(transport, [m.version for m in migrations(settings.supabase_dir)])
     yield store
     await store.close()
+
+
+async def new_run(
+    store: Store,
+    org_id: uuid.UUID,
+    name: str = "r",
+    categories: list[str] | None = None,
+    cost: int = 500,
+    items: int = 50,
+    created_by: uuid.UUID | None = None,
+) -> CollectionRunResponse:
+    return await store.call(
+        ops.CREATE_RUN,
+        org_id=org_id,
+        created_by=created_by,
+        name=name,
+        category_ids=categories or ["garden"],
+        estimated_cost_cents=cost,
+        total_items=items,
+        provider="sandbox",
+    )
+
+
+async def transition(
+    store: Store, org_id: uuid.UUID, run_id: uuid.UUID, action: str
+) -> CollectionRunResponse:
+    return await store.call(
+        ops.TRANSITION_RUN, org_id=org_id, run_id=run_id, action=action, actor=None, reason=None
+    )
 
 
 def closed_port_url() -> str:
@@ -230,11 +259,11 @@ class TestLifespan:
         caplog.set_level(logging.INFO, logger="app.main")
         context, app = open_app(bridge.url)
         async with context:
-            store = app.state.store
-            assert isinstance(store, SupabaseRestStore)
+            transport = app.state.store.transport
+            assert isinstance(transport, RestTransport)
             assert f"store: Supabase REST API at {bridge.url}" in caplog.text
-            assert not store._http.is_closed
-        assert store._http.is_closed
+            assert not transport._http.is_closed
+        assert transport._http.is_closed
 
     async def test_starts_while_the_api_is_unreachable_and_answers_503(
         self, open_app: Callable[..., Any], world: World
@@ -293,63 +322,70 @@ async def outcome(call: Awaitable[Any]) -> tuple[type[BaseException], str] | tup
 
 
 class TestBothStoresAgree:
-    """The same call through asyncpg and through PostgREST: the same domain error, the same rows."""
+    """The same operation through asyncpg and through PostgREST: the same domain error, the same
+    typed result."""
 
     @pytest.fixture
     async def org(self, world: World) -> uuid.UUID:
         return await world.org("acme")
 
-    async def test_budget_exceeded(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, org: uuid.UUID
-    ) -> None:
-        args = (org, None, "big", ["garden"], 3000, 50, "sandbox")
+    async def test_budget_exceeded(self, pg_store: Store, rest_store: Store, org: uuid.UUID) -> None:
         expected = (BudgetExceeded, "Estimated cost $30.00 exceeds budget cap $25.00")
         assert (
-            await outcome(pg_store.create_run(*args))
-            == await outcome(rest_store.create_run(*args))
+            await outcome(new_run(pg_store, org, "big", cost=3000))
+            == await outcome(new_run(rest_store, org, "big", cost=3000))
             == expected
         )
 
-    async def test_concurrent_run_limit(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, org: uuid.UUID
-    ) -> None:
-        await pg_store.update_settings(org, {"max_concurrent_runs": 1})
-        await pg_store.create_run(org, None, "first", ["garden"], 500, 50, "sandbox")
-        args = (org, None, "second", ["garden"], 500, 50, "sandbox")
-        pg, rest = await outcome(pg_store.create_run(*args)), await outcome(rest_store.create_run(*args))
+    async def test_concurrent_run_limit(self, pg_store: Store, rest_store: Store, org: uuid.UUID) -> None:
+        await pg_store.call(
+            ops.UPDATE_SETTINGS,
+            org_id=org,
+            budget_cap_cents=None,
+            soft_warning_percent=None,
+            max_concurrent_runs=1,
+        )
+        await new_run(pg_store, org, "first")
+        pg, rest = (
+            await outcome(new_run(pg_store, org, "second")),
+            await outcome(new_run(rest_store, org, "second")),
+        )
         assert pg == rest and pg[0] is ConcurrentRunLimit
 
     async def test_run_not_found_and_invalid_transition(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, org: uuid.UUID
+        self, pg_store: Store, rest_store: Store, org: uuid.UUID
     ) -> None:
-        run = await pg_store.create_run(org, None, "r", ["garden"], 500, 50, "sandbox")
+        run = await new_run(pg_store, org)
         for run_id, action, error in [
             (uuid.uuid4(), "start", RunNotFound),
-            (run["id"], "pause", InvalidTransition),
+            (run.id, "pause", InvalidTransition),
         ]:
-            pg = await outcome(pg_store.transition_run(org, run_id, action, None, None))
-            rest = await outcome(rest_store.transition_run(org, run_id, action, None, None))
+            pg = await outcome(transition(pg_store, org, run_id, action))
+            rest = await outcome(transition(rest_store, org, run_id, action))
             assert pg == rest and pg[0] is error
         assert rest[1] == "Cannot pause a run that is pending"
 
-    async def test_lease_lost(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, org: uuid.UUID
-    ) -> None:
-        run = await pg_store.create_run(org, None, "r", ["garden"], 500, 50, "sandbox")
-        args = (run["id"], uuid.uuid4(), 5)
+    async def test_lease_lost(self, pg_store: Store, rest_store: Store, org: uuid.UUID) -> None:
+        run = await new_run(pg_store, org)
+        args = {"run_id": run.id, "token": uuid.uuid4(), "cents": 5}
         pg, rest = (
-            await outcome(pg_store.release_reservation(*args)),
-            await outcome(rest_store.release_reservation(*args)),
+            await outcome(pg_store.call(ops.RELEASE_RESERVATION, **args)),
+            await outcome(rest_store.call(ops.RELEASE_RESERVATION, **args)),
         )
         assert pg == rest and pg[0] is LeaseLost
 
     async def test_check_violation_names_the_rule(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, org: uuid.UUID
+        self, pg_store: Store, rest_store: Store, org: uuid.UUID
     ) -> None:
-        changes = {"budget_cap_cents": -1}
+        changes = {
+            "org_id": org,
+            "budget_cap_cents": -1,
+            "soft_warning_percent": None,
+            "max_concurrent_runs": None,
+        }
         pg, rest = (
-            await outcome(pg_store.update_settings(org, changes)),
-            await outcome(rest_store.update_settings(org, changes)),
+            await outcome(pg_store.call(ops.UPDATE_SETTINGS, **changes)),
+            await outcome(rest_store.call(ops.UPDATE_SETTINGS, **changes)),
         )
         assert (
             pg
@@ -358,71 +394,124 @@ class TestBothStoresAgree:
         )
 
     async def test_an_unexpected_database_error_is_not_disguised(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, org: uuid.UUID
+        self, pg_store: Store, rest_store: Store, org: uuid.UUID
     ) -> None:
-        args = (uuid.uuid4(), uuid.uuid4(), "garden", "B0X", "bogus", 1, 0, 0, None, None, [], "w")
+        args = {
+            "run_id": uuid.uuid4(),
+            "token": uuid.uuid4(),
+            "category_id": "garden",
+            "asin": "B0X",
+            "status": "bogus",
+            "attempts": 1,
+            "cost_cents": 0,
+            "reserved_cents": 0,
+            "result": None,
+            "error": None,
+            "sellers": [],
+            "worker": "w",
+        }
         with pytest.raises(asyncpg.PostgresError):
-            await pg_store.record_item(*args)
+            await pg_store.call(ops.RECORD_ITEM, **args)
         with pytest.raises(RestStoreError) as raised:
-            await rest_store.record_item(*args)
+            await rest_store.call(ops.RECORD_ITEM, **args)
         assert raised.value.code == "22023"
 
-    async def test_rows_have_the_same_values_and_types(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, world: World
+    async def test_every_read_has_the_same_values_and_types(
+        self, pg_store: Store, rest_store: Store, world: World
     ) -> None:
         admin = await world.admin("acme")
-        run = await pg_store.create_run(
-            admin.org_id, admin.user_id, "r", ["garden", "kitchen"], 1000, 100, "sandbox"
+        run = await new_run(
+            pg_store, admin.org_id, categories=["garden", "kitchen"], created_by=admin.user_id
         )
-        await pg_store.transition_run(admin.org_id, run["id"], "start", admin.user_id, None)
+        await transition(pg_store, admin.org_id, run.id, "start")
 
-        assert await rest_store.get_run(admin.org_id, run["id"]) == await pg_store.get_run(
-            admin.org_id, run["id"]
+        reads: list[tuple[ops.Operation[Any], dict[str, Any]]] = [
+            (ops.GET_RUN, {"org_id": admin.org_id, "run_id": run.id}),
+            (ops.GET_RUN, {"org_id": admin.org_id, "run_id": uuid.uuid4()}),
+            (ops.USER_ACCESS, {"user_id": admin.user_id}),
+            (ops.GET_SETTINGS, {"org_id": admin.org_id}),
+            (ops.ESTIMATE_INPUTS, {"org_id": admin.org_id, "category_ids": ["garden"]}),
+            (
+                ops.LIST_RUNS,
+                {
+                    "org_id": admin.org_id,
+                    "limit": 10,
+                    "offset": 0,
+                    "status": None,
+                    "after_created_at": None,
+                    "after_id": None,
+                },
+            ),
+            (
+                ops.LIST_RUNS,
+                {
+                    "org_id": admin.org_id,
+                    "limit": 10,
+                    "offset": 0,
+                    "status": "running",
+                    "after_created_at": run.created_at,
+                    "after_id": uuid.uuid4(),
+                },
+            ),
+            (ops.RUN_CATEGORIES, {"run_id": run.id}),
+            (ops.PENDING_ITEMS, {"run_id": run.id, "category_id": "garden"}),
+            (
+                ops.LIST_ITEMS,
+                {"org_id": admin.org_id, "run_id": run.id, "status": None, "limit": 10, "offset": 0},
+            ),
+            (ops.LIST_SELLERS, {"org_id": admin.org_id, "limit": 10, "offset": 0}),
+            (ops.RUN_EVENTS_SINCE, {"org_id": admin.org_id, "run_id": run.id, "after_id": 0, "limit": 10}),
+            (ops.INCOMPLETE_RUNS, {"limit": 10}),
+            (ops.RUN_STATUS_COUNTS, {}),
+            (ops.APPLIED_MIGRATIONS, {}),
+        ]
+        for operation, args in reads:
+            direct, rest = await pg_store.call(operation, **args), await rest_store.call(operation, **args)
+            assert direct == rest, operation
+        assert (await rest_store.call(ops.GET_RUN, org_id=admin.org_id, run_id=run.id)) == run.model_copy(
+            update={
+                "status": "running",
+                "started_at": (
+                    await pg_store.call(ops.GET_RUN, org_id=admin.org_id, run_id=run.id)
+                ).started_at,  # type: ignore[union-attr]
+            }
         )
-        assert await rest_store.get_run(admin.org_id, uuid.uuid4()) is None
-        assert await rest_store.user_access(admin.user_id) == await pg_store.user_access(admin.user_id)
-        assert await rest_store.get_settings(admin.org_id) == await pg_store.get_settings(admin.org_id)
-        assert await rest_store.list_runs(admin.org_id, 10, 0) == await pg_store.list_runs(
-            admin.org_id, 10, 0
-        )
-        assert await rest_store.run_categories(run["id"]) == await pg_store.run_categories(run["id"])
-        assert await rest_store.run_events_since(
-            admin.org_id, run["id"], 0
-        ) == await pg_store.run_events_since(admin.org_id, run["id"], 0)
-        assert await rest_store.run_status_counts() == await pg_store.run_status_counts()
 
     async def test_the_executor_calls_keep_their_shapes(
-        self, rest_store: SupabaseRestStore, pg_store: PostgresStore, org: uuid.UUID
+        self, rest_store: Store, pg_store: Store, org: uuid.UUID
     ) -> None:
-        run = await pg_store.create_run(org, None, "r", ["garden"], 500, 50, "sandbox")
-        await pg_store.transition_run(org, run["id"], "start", None, None)
+        run = await new_run(pg_store, org)
+        await transition(pg_store, org, run.id, "start")
         token = uuid.uuid4()
+        lease = {"run_id": run.id, "token": token}
 
-        claimed = await rest_store.claim_runs("w1", token, 30, 5)
-        assert [r["id"] for r in claimed] == [run["id"]] and claimed[0]["lease_token"] == token
-        assert await rest_store.heartbeat(token, 30) == {run["id"]: "running"}  # a table: uuid keys
-        assert await rest_store.reserve(run["id"], token, 5) == "ok"  # a scalar
-        assert await rest_store.release_reservation(run["id"], token, 5) is None  # void: 204
-        # Premature: the category is not discovered. The function's null composite is an object of nulls.
-        assert await rest_store.finish_run(run["id"], token, "complete", None) is None
-        assert await rest_store.release_run(run["id"], token) is None
-        assert (await pg_store.get_run(org, run["id"]) or {})["reserved_cents"] == 0
+        claimed = await rest_store.call(ops.CLAIM_RUNS, owner="w1", token=token, lease_s=30, limit=5)
+        assert [r.id for r in claimed] == [run.id]
+        held = await rest_store.call(ops.HEARTBEAT, token=token, lease_s=30)  # a table
+        assert [(h.id, h.status) for h in held] == [(run.id, "running")]
+        assert await rest_store.call(ops.RESERVE, **lease, cents=5) == "ok"  # a scalar
+        assert await rest_store.call(ops.RELEASE_RESERVATION, **lease, cents=5) is None  # void: 204
+        # Premature: the category is not discovered, so the function returns no row.
+        assert await rest_store.call(ops.FINISH_RUN, **lease, action="complete", reason=None) is None
+        assert await rest_store.call(ops.RELEASE_RUN, **lease) is None
+        after = await pg_store.call(ops.GET_RUN, org_id=org, run_id=run.id)
+        assert after is not None and after.reserved_cents == 0
 
 
 class TestPaging:
     async def test_set_returning_reads_are_complete_however_low_max_rows_is(
-        self, pg_store: PostgresStore, rest_store: SupabaseRestStore, bridge: PostgrestBridge, world: World
+        self, pg_store: Store, rest_store: Store, bridge: PostgrestBridge, world: World
     ) -> None:
         org = await world.org("acme")
-        run = await pg_store.create_run(org, None, "r", [f"c{n}" for n in range(5)], 2500, 250, "sandbox")
+        run = await new_run(pg_store, org, categories=[f"c{n}" for n in range(5)], cost=2500, items=250)
         bridge.max_rows = 2
         try:
-            categories = await rest_store.run_categories(run["id"])
+            categories = await rest_store.call(ops.RUN_CATEGORIES, run_id=run.id)
         finally:
             bridge.max_rows = 1000
 
-        assert [c["category_id"] for c in categories] == ["c0", "c1", "c2", "c3", "c4"]
-        assert categories == await pg_store.run_categories(run["id"])
+        assert [c.category_id for c in categories] == ["c0", "c1", "c2", "c3", "c4"]
+        assert categories == await pg_store.call(ops.RUN_CATEGORIES, run_id=run.id)
         pages = [r.query for r in bridge.requests if r.function == "collection_run_categories_of"]
         assert [p["offset"] for p in pages] == ["0", "2", "4", "5"]
         assert all(p["order"] == "position.asc" for p in pages)

@@ -119,18 +119,19 @@ export const api = {
 
 /**
  * Read a run's Server-Sent Events. EventSource cannot send an Authorization header, so this reads the
- * stream with fetch() and parses the `event:`/`data:` lines itself. Calls onEvent(type, data) for each
- * event whose data is JSON; resolves when the server ends the stream (the run ended) or `signal` aborts.
+ * stream with fetch() and parses the `event:`/`data:`/`id:` lines itself. Calls onEvent(type, data, id)
+ * for each event whose data is JSON, `id` being the stream's last event id so far (what to send back as
+ * `lastEventId` to resume after it); resolves when the server ends the stream (the run ended, or the
+ * server is going away) or `signal` aborts. With `lastEventId` the server sends the current progress and
+ * only what came after that event.
  */
-export async function streamRunEvents(id, onEvent, { signal } = {}) {
-  const response = await fetch(`${API_ROOT}${runPath(id)}/events`, {
-    headers: { ...headers(false), Accept: "text/event-stream" },
-    signal,
-    cache: "no-store",
-  });
+export async function streamRunEvents(id, onEvent, { signal, lastEventId = "" } = {}) {
+  const eventHeaders = { ...headers(false), Accept: "text/event-stream" };
+  if (lastEventId) eventHeaders["Last-Event-ID"] = lastEventId;
+  const response = await fetch(`${API_ROOT}${runPath(id)}/events`, { headers: eventHeaders, signal, cache: "no-store" });
   if (!response.ok) throw await errorFrom(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  const parser = new EventStreamParser(onEvent);
+  const parser = new EventStreamParser(onEvent, lastEventId);
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -145,11 +146,15 @@ export async function streamRunEvents(id, onEvent, { signal } = {}) {
 
 /** The event-stream format (WHATWG HTML, "Server-sent events"): lines, then a blank line ends an event. */
 export class EventStreamParser {
-  constructor(onEvent) {
+  constructor(onEvent, lastEventId = "") {
     this.onEvent = onEvent;
     this.buffer = "";
     this.type = "";
     this.data = [];
+    // An `id:` line counts once its event is complete: an event cut off by a dropped connection must be
+    // sent again, so its id must not become the point to resume after.
+    this.idBuffer = lastEventId;
+    this.lastEventId = lastEventId;
   }
 
   push(text) {
@@ -160,10 +165,12 @@ export class EventStreamParser {
     for (const line of lines) this.line(line);
   }
 
+  /** The stream ended: an event without its closing blank line is incomplete, so it is dropped. */
   end() {
-    if (this.buffer) this.line(this.buffer.replace(/\r$/, ""));
+    if (this.buffer.endsWith("\r")) this.line(this.buffer.slice(0, -1)); // a final "\r" did end a line
     this.buffer = "";
-    this.dispatch();
+    this.type = "";
+    this.data = [];
   }
 
   line(line) {
@@ -175,10 +182,12 @@ export class EventStreamParser {
     if (value.startsWith(" ")) value = value.slice(1);
     if (field === "event") this.type = value;
     else if (field === "data") this.data.push(value);
+    else if (field === "id" && !value.includes("\0")) this.idBuffer = value;
     return undefined;
   }
 
   dispatch() {
+    this.lastEventId = this.idBuffer; // kept for the events after it that carry no id of their own
     if (this.data.length) {
       const type = this.type || "message";
       let data;
@@ -187,7 +196,7 @@ export class EventStreamParser {
       } catch {
         data = null;
       }
-      if (data !== null) this.onEvent(type, data);
+      if (data !== null) this.onEvent(type, data, this.lastEventId);
     }
     this.type = "";
     this.data = [];

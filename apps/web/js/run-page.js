@@ -10,7 +10,9 @@ const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const ITEMS_PAGE = 25;
 const SELLERS_PAGE = 10;
 const TABLES_REFRESH_MS = 1500;
-const RECONNECT_MS = 2000;
+// After a dropped stream: the first retry soon, then doubling up to the cap while connecting fails.
+const RECONNECT_FIRST_MS = 1000;
+const RECONNECT_MAX_MS = 15000;
 
 export function renderRunPage(view, runId) {
   const controller = new AbortController();
@@ -21,6 +23,7 @@ export function renderRunPage(view, runId) {
   let sellersOffset = 0;
   let tablesTimer = null;
   let tablesDue = false;
+  const shownTransitions = new Set(); // ids: a transition sent again after a reconnect is listed once
 
   const title = h("h2", { class: "run__name" }, "Loading run…");
   const badge = h("span", { id: "run-status" });
@@ -248,8 +251,16 @@ export function renderRunPage(view, runId) {
       else showProgress(run);
       tablesSoon();
     } else if (type === "transition") {
+      if (shownTransitions.has(data.id)) return;
+      shownTransitions.add(data.id);
       log.append(
-        h("li", {}, h("time", {}, when(data.created_at)), ` ${data.from_status || "—"} → ${data.to_status}`, data.reason ? ` (${data.reason})` : ""),
+        h(
+          "li",
+          { dataset: { eventId: data.id } },
+          h("time", {}, when(data.created_at)),
+          ` ${data.from_status || "—"} → ${data.to_status}`,
+          data.reason ? ` (${data.reason})` : "",
+        ),
       );
     }
   }
@@ -259,17 +270,29 @@ export function renderRunPage(view, runId) {
     live.dataset.state = state;
   }
 
+  // Follows the stream until the run ends. A stream that drops or ends early (the server restarting) is
+  // reconnected with the last event id received, so the server resumes after it: nothing sent twice,
+  // nothing missed in between.
   async function follow() {
+    let lastEventId = "";
+    let delay = RECONNECT_FIRST_MS;
+    const received = (type, data, id) => {
+      lastEventId = id;
+      delay = RECONNECT_FIRST_MS; // this connection worked: the next drop is retried soon again
+      onEvent(type, data);
+    };
     while (!signal.aborted) {
       try {
         setLive("live", "on");
-        await streamRunEvents(runId, onEvent, { signal });
+        await streamRunEvents(runId, received, { signal, lastEventId });
       } catch (error) {
         if (signal.aborted) return;
         if (error instanceof ApiError && (error.status === 404 || error.status === 401 || error.status === 403)) {
           setLive("not following", "off");
           return;
         }
+        // An id the server refuses would be refused on every retry: start over (the list skips repeats).
+        if (error instanceof ApiError && error.status === 422) lastEventId = "";
         setLive("reconnecting…", "off");
       }
       if (signal.aborted) return;
@@ -279,7 +302,9 @@ export function renderRunPage(view, runId) {
         setLive(`ended: ${run.status}`, "off");
         return;
       }
-      await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
+      setLive("reconnecting…", "off");
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      delay = Math.min(delay * 2, RECONNECT_MAX_MS);
     }
   }
 

@@ -1,4 +1,6 @@
-"""Supabase access tokens, verified locally, and the caller's permission in their organisation.
+"""Supabase access tokens, verified locally, and the caller's permission in their organisation, as
+FastAPI dependencies: `current_user` (the bearer token verified, the organisation chosen from
+`X-Org-Id`) and `require_permission(...)` on top of it.
 
 Tokens: HS256 with the project's legacy JWT secret, or ES256/RS256 with a key from the project's JWKS
 (fetched without blocking the loop, cached). The algorithm decides the key *type*: an HS256 token is
@@ -8,7 +10,7 @@ out algorithm confusion; `none` and everything else is refused.
 Permissions: memberships and role permissions are looked up once per user and reused for
 `AUTH_CACHE_S` seconds (default 5): that is the longest a revoked permission can still act.
 A verified token is reused for as long, never past its `exp` (keyed by the whole token): checking a
-signature is most of our own work per request (~75 µs HS256, ~135 µs ES256: benchmarks/README.md).
+signature is most of our own work on a request (benchmarks/README.md has the figures).
 """
 
 from __future__ import annotations
@@ -16,23 +18,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import time as wall_clock  # for `exp`; `time.monotonic` measures the cache windows
-from typing import Any, TypeVar
+from typing import Annotated, Any
 from uuid import UUID
 
 import httpx
 import jwt
-from fastapi import Request
-from fastapi.dependencies.models import Dependant
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, Header, Request
 from fastapi.routing import APIRoute
-from starlette.routing import BaseRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings
 from app.errors import NotAuthenticated, OrganisationRequired, PermissionDenied
-from app.store import OrgAccess, Store
+from app.operations import OrgAccess
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,8 @@ class AccessCache:
     from them (a token and the X-Org-Id it came with), reused no longer than the token and the access
     it was worked out from."""
 
-    def __init__(self, store: Store, ttl_s: float) -> None:
-        self._store = store
+    def __init__(self, lookup: Callable[[UUID], Awaitable[list[OrgAccess]]], ttl_s: float) -> None:
+        self._lookup = lookup
         self._ttl_s = ttl_s
         self._entries: dict[UUID, tuple[float, list[OrgAccess]]] = {}
         # (token, X-Org-Id) -> (monotonic deadline, caller)
@@ -177,7 +177,7 @@ class AccessCache:
         hit = self._entries.get(user_id)
         if hit is not None and now - hit[0] < self._ttl_s:
             return hit[0] + self._ttl_s, hit[1]
-        access = await self._store.user_access(user_id)
+        access = await self._lookup(user_id)
         if self._ttl_s > 0:
             if len(self._entries) >= ACCESS_CACHE_MAX_USERS:
                 self._entries.clear()
@@ -220,71 +220,48 @@ def choose_org(memberships: list[OrgAccess], requested: str | None) -> OrgAccess
 
 ORG_HEADER = "X-Org-Id"
 ORG_HEADER_MAX_LENGTH = 64
-BEARER_SCHEME = "HTTPBearer"
-T = TypeVar("T")
-Guard = Callable[[Request], Awaitable[T]]
-GUARDS: set[Callable[..., Any]] = set()  # every guard made, so the OpenAPI schema can find them
+
+bearer_scheme = HTTPBearer(
+    # No token is our own JSON 401 (current_user), not HTTPBearer's plain 403.
+    auto_error=False,
+    scheme_name="HTTPBearer",
+    description="A Supabase access token (`make token` locally)",
+)
 
 
-def permission_guard(permission: str, bind: Callable[[CurrentUser, Request], T]) -> Guard[T]:
-    """Dependency: the verified caller, in the org they chose, holding `permission` there, handed to
-    `bind` with the request (so an endpoint gets what it needs beside the caller from this one
-    dependency).
-
-    A plain function that reads the bearer token and `X-Org-Id` itself. `HTTPBearer` and a `Header`
-    parameter would be a dependency and a parameter of their own, and a `SecurityBase` instance is
-    dearer for FastAPI to resolve than a function: FastAPI works each of them out on every request,
-    and together they cost more than the token and permission checks (benchmarks/README.md). The
-    OpenAPI schema gets the bearer scheme and the header from `document_guarded_operations`.
-    """
-
-    async def guard(request: Request) -> T:
-        authorization = x_org_id = None
-        for name, value in request.scope["headers"]:  # as Headers.get: the first of each
-            if name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
-            elif name == b"x-org-id" and x_org_id is None:
-                x_org_id = value.decode("latin-1")
-        if x_org_id is not None and len(x_org_id) > ORG_HEADER_MAX_LENGTH:
-            # The error FastAPI gives a declared header parameter with this bound.
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": ("header", ORG_HEADER),
-                        "msg": f"String should have at most {ORG_HEADER_MAX_LENGTH} characters",
-                        "input": x_org_id,
-                        "ctx": {"max_length": ORG_HEADER_MAX_LENGTH},
-                    }
-                ]
-            )
-        token = bearer_token(authorization)
-        if token is None:
-            raise NotAuthenticated("Missing bearer token")
-        state = request.app.state
-        access: AccessCache = state.access_cache
-        user = access.caller(token, x_org_id) or await find_caller(
-            state.token_verifier, access, token, x_org_id
-        )
-        if permission not in user.permissions:
-            raise PermissionDenied(f"Your role '{user.role}' lacks the permission '{permission}'")
-        return bind(user, request)
-
-    GUARDS.add(guard)
-    return guard
+async def verified_claims(request: Request, token: str) -> tuple[float, dict[str, Any]]:
+    """The claims of a bearer token this service accepts, and until when they may be reused."""
+    verifier: TokenVerifier = request.app.state.token_verifier
+    return await verifier.verify_until(token)
 
 
-async def find_caller(
-    verifier: TokenVerifier, access: AccessCache, token: str, org: str | None
+async def current_user(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    x_org_id: Annotated[
+        str | None,
+        Header(
+            alias=ORG_HEADER,
+            max_length=ORG_HEADER_MAX_LENGTH,
+            description="Organisation id or slug; needed only by users in several organisations",
+        ),
+    ] = None,
 ) -> CurrentUser:
-    """Who the token's holder is in the organisation they chose (any organisation they are in)."""
-    token_until, claims = await verifier.verify_until(token)
+    """Dependency: the verified caller, in the organisation they chose (any organisation they are in)."""
+    if credentials is None:
+        raise NotAuthenticated("Missing bearer token")
+    token = credentials.credentials
+    access: AccessCache = request.app.state.access_cache
+    cached = access.caller(token, x_org_id)
+    if cached is not None:
+        return cached
+    token_until, claims = await verified_claims(request, token)
     try:
         user_id = UUID(str(claims["sub"]))
     except ValueError:
         raise NotAuthenticated("Invalid bearer token") from None
     access_until, memberships = await access.get_until(user_id)
-    chosen = choose_org(memberships, org)
+    chosen = choose_org(memberships, x_org_id)
     email = claims.get("email")
     caller = CurrentUser(
         user_id=user_id,
@@ -295,64 +272,44 @@ async def find_caller(
         permissions=chosen.permissions,
     )
     # Never reused past either window: a revoked token or permission acts for AUTH_CACHE_S at most.
-    access.remember_caller(token, org, caller, min(token_until, access_until))
+    access.remember_caller(token, x_org_id, caller, min(token_until, access_until))
     return caller
 
 
-def document_guarded_operations(routes: Sequence[BaseRoute], schema: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI schema with what a permission guard reads itself, on every operation behind one:
-    the bearer token scheme, and `X-Org-Id` (with its 422), as FastAPI writes them for `HTTPBearer`
-    and a declared header parameter."""
-    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-    schemes[BEARER_SCHEME] = {
-        "type": "http",
-        "description": "A Supabase access token (`make token` locally)",
-        "scheme": "bearer",
-    }
-    description = "Organisation id or slug; needed only by users in several organisations"
-    parameter = {
-        "name": ORG_HEADER,
-        "in": "header",
-        "required": False,
-        "description": description,
-        "schema": {
-            "anyOf": [{"type": "string", "maxLength": ORG_HEADER_MAX_LENGTH}, {"type": "null"}],
-            "title": ORG_HEADER,
-            "description": description,
-        },
-    }
-    invalid = {
-        "description": "Validation Error",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
-    }
-    for route in routes:
-        if not (isinstance(route, APIRoute) and route.include_in_schema and _guarded(route)):
-            continue
-        for method in route.methods or ():
-            operation = schema["paths"][route.path_format][method.lower()]
-            if {BEARER_SCHEME: []} not in operation.setdefault("security", []):
-                operation["security"].append({BEARER_SCHEME: []})
-            parameters = operation.setdefault("parameters", [])
-            if all(p.get("name") != ORG_HEADER for p in parameters):
-                parameters.append(parameter)
-            operation.setdefault("responses", {}).setdefault("422", invalid)
-    return schema
+def require_permission(permission: str) -> Callable[[CurrentUser], Awaitable[CurrentUser]]:
+    """Dependency factory: the current user, holding `permission` in the organisation acted on."""
+
+    async def permitted_user(user: Annotated[CurrentUser, Depends(current_user)]) -> CurrentUser:
+        if permission not in user.permissions:
+            raise PermissionDenied(f"Your role '{user.role}' lacks the permission '{permission}'")
+        return user
+
+    permitted_user.__qualname__ = f"require_permission({permission!r})"
+    return permitted_user
 
 
-def _guarded(route: APIRoute) -> bool:
-    # A GuardedRoute calls its guard itself; elsewhere a guard is a dependency, however deep.
-    return getattr(route, "guard", None) is not None or _depends_on_guard(route.dependant)
+async def refused_authentication(request: Request) -> NotAuthenticated | None:
+    """Why the request's bearer token is refused (None: it verifies). For an operation that needs one,
+    this answer comes before anything about the request's body or parameters: FastAPI parses a JSON
+    body and an operation's headers before it calls `current_user`, so the validation error handler
+    asks here first (main.py)."""
+    credentials = await bearer_scheme(request)
+    if credentials is None:
+        return NotAuthenticated("Missing bearer token")
+    try:
+        await verified_claims(request, credentials.credentials)
+    except NotAuthenticated as exc:
+        return exc
+    return None
 
 
-def _depends_on_guard(dependant: Dependant) -> bool:
-    return any(d.call in GUARDS or _depends_on_guard(d) for d in dependant.dependencies)
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), as HTTPBearer
-    reads it."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    return token if token and scheme.lower() == "bearer" else None
+def needs_authentication(route: APIRoute) -> bool:
+    """Whether the operation depends on `current_user` (however deep), so only a verified caller may
+    learn anything about it."""
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependency = pending.pop()
+        if dependency.call is current_user:
+            return True
+        pending.extend(dependency.dependencies)
+    return False

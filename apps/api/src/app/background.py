@@ -13,7 +13,6 @@ from app.models import IncompleteRuns
 from app.observability import Metrics
 from app.providers.base import Provider
 from app.services.collection import CollectionService
-from app.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +36,9 @@ async def collection_startup_recovery(
 
 
 def collection_manager(
-    store: Store, provider: Provider, settings: Settings, metrics: Metrics | None = None
+    service: CollectionService, provider: Provider, settings: Settings, metrics: Metrics | None = None
 ) -> CollectionManager:
     """Start claiming and executing running runs in this process; the lifespan stops it."""
-    manager = CollectionManager(store, provider, settings, metrics)
+    manager = CollectionManager(service, provider, settings, metrics)
     manager.start()
     return manager

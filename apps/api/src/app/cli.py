@@ -17,7 +17,7 @@ from pydantic import SecretStr, ValidationError
 
 from app.config import Settings, StoreMode
 from app.embedded import EmbeddedPostgres
-from app.migrate import apply_migrations
+from app.migrate import MigrationRefused, apply_migrations
 from app.observability import configure_logging
 
 logger = logging.getLogger("app.cli")
@@ -29,10 +29,15 @@ def _embedded(settings: Settings) -> EmbeddedPostgres:
     return EmbeddedPostgres(settings.data_dir, settings.embedded_pg_port)
 
 
-async def _migrate(dsn: str, settings: Settings, *, local: bool) -> list[str]:
-    conn = await asyncpg.connect(dsn, timeout=settings.db_connect_timeout_s)
+async def _migrate(dsn: str, settings: Settings, *, local: bool, include_all: bool = False) -> list[str]:
     try:
-        return await apply_migrations(conn, settings.supabase_dir, local_bootstrap=local, seed=local)
+        conn = await asyncpg.connect(dsn, timeout=settings.db_connect_timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise MigrationRefused(f"cannot reach the database: {exc}") from exc
+    try:
+        return await apply_migrations(
+            conn, settings.supabase_dir, local_bootstrap=local, seed=local, include_all=include_all
+        )
     finally:
         await conn.close()
 
@@ -43,7 +48,11 @@ def prepare_local(settings: Settings) -> tuple[Settings, EmbeddedPostgres]:
     pg = _embedded(settings)
     started = time.perf_counter()
     dsn = pg.start()
-    applied = asyncio.run(_migrate(dsn, settings, local=True))
+    try:
+        applied = asyncio.run(_migrate(dsn, settings, local=True))
+    except BaseException:
+        pg.release()
+        raise
     logger.info(
         "embedded Postgres ready in %.2fs (%d migration(s) applied now)",
         time.perf_counter() - started,
@@ -100,6 +109,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Needs nothing but DATABASE_URL (or, in local mode, nothing at all): no token is verified here."""
     if settings.store_mode is StoreMode.SUPABASE_REST:
         print(
             "collection-api migrate needs DATABASE_URL; with only SUPABASE_URL and a key, apply "
@@ -108,11 +118,20 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 2
     if settings.database_url is None:
-        _, pg = prepare_local(settings)
-        pg.release()
-        return 0
-    applied = asyncio.run(_migrate(settings.database_url.get_secret_value(), settings, local=False))
-    logger.info("%d migration(s) applied", len(applied))
+        # Local mode: the embedded Postgres, with the bootstrap and the seed.
+        pg = _embedded(settings)
+        dsn = pg.start()
+        try:
+            applied = asyncio.run(_migrate(dsn, settings, local=True, include_all=args.include_all))
+        finally:
+            pg.release()
+    else:
+        dsn = settings.database_url.get_secret_value()
+        applied = asyncio.run(_migrate(dsn, settings, local=False, include_all=args.include_all))
+    if applied:
+        logger.info("%d migration(s) applied: %s", len(applied), ", ".join(applied))
+    else:
+        logger.info("the database is up to date")
     return 0
 
 
@@ -189,7 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collection-api", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve the API (local mode: on the embedded Postgres)")
-    commands.add_parser("migrate", help="apply supabase/migrations (local mode: with bootstrap and seed)")
+    migrate = commands.add_parser(
+        "migrate", help="apply supabase/migrations (local mode: with bootstrap and seed)"
+    )
+    migrate.add_argument(
+        "--include-all",
+        action="store_true",
+        help="also apply files older than the newest migration applied (as `supabase db push --include-all`)",
+    )
     token = commands.add_parser("token", help="print a bearer token for a local user (last line)")
     token.add_argument("--email", default="admin@local.test")
     token.add_argument("--org", default="local", help="organisation slug, created if missing")
@@ -203,9 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"collection-api: configuration refused: {reasons}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        try:
+            settings.refuse_unverifiable_tokens()
+        except ValueError as exc:
+            print(f"collection-api: configuration refused: {exc}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level, settings.log_format)
     handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "token": cmd_token}
-    return handlers[args.command](settings, args)
+    try:
+        return handlers[args.command](settings, args)
+    except MigrationRefused as exc:
+        print(f"collection-api: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

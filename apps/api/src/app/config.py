@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property, lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -14,7 +15,12 @@ import jwt
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parents[4]
+
+def packaged(name: str) -> Path:
+    """A folder shipped inside the `app` package (the wheel carries them; in a checkout they are links
+    to the repository's own `supabase/` and `apps/web/`)."""
+    return Path(str(files("app").joinpath(name)))
+
 
 # Values that must never reach a shared environment.
 PLACEHOLDER_SECRETS = frozenset(
@@ -82,8 +88,8 @@ class Settings(BaseSettings):
     # through the project's REST API. The legacy service_role JWT or a secret key (sb_secret_...).
     supabase_service_role_key: SecretStr | None = None
 
-    # Embedded Postgres (local mode).
-    data_dir: Path = REPO_ROOT / ".data"
+    # Embedded Postgres (local mode): its data and the local JWT secret, under the working directory.
+    data_dir: Path = Path(".data")
     embedded_pg_port: int = Field(default=54329, ge=1, le=65535)
 
     # Supabase auth.
@@ -132,7 +138,8 @@ class Settings(BaseSettings):
     recovery_log_limit: int = Field(default=50, ge=1, le=10_000)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    supabase_dir: Path = REPO_ROOT / "supabase"
+    # migrations/, local/bootstrap.sql and seed.sql: those shipped with the package unless set.
+    supabase_dir: Path = Field(default_factory=lambda: packaged("supabase"))
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -189,15 +196,6 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def refuse_unusable_auth(self) -> Self:
-        # With a database but no way to verify tokens every request would be a 401: say so at start.
-        # (Local mode without DATABASE_URL gets its secret from the embedded data folder.)
-        reaches_data = self.store_mode is not StoreMode.EMBEDDED
-        if reaches_data and self.supabase_jwt_secret is None and self.jwks_url is None:
-            raise ValueError("set SUPABASE_URL (JWKS) or SUPABASE_JWT_SECRET so tokens can be verified")
-        return self
-
-    @model_validator(mode="after")
     def refuse_half_a_rest_configuration(self) -> Self:
         # Without DATABASE_URL, the URL and the key together choose the REST mode; one of them alone
         # would silently fall back to the embedded database.
@@ -224,9 +222,19 @@ class Settings(BaseSettings):
             secret = self.supabase_jwt_secret.get_secret_value() if self.supabase_jwt_secret else None
             if secret is not None and (secret in PLACEHOLDER_SECRETS or len(secret) < 32):
                 raise ValueError("SUPABASE_JWT_SECRET is a placeholder or shorter than 32 characters")
-            if secret is None and self.jwks_url is None:
-                raise ValueError("set SUPABASE_URL (JWKS) or SUPABASE_JWT_SECRET to verify tokens")
         return self
+
+    def refuse_unverifiable_tokens(self) -> None:
+        """ValueError when a server on these settings could verify no token, so every request would be
+        a 401: said at start by whatever serves (not a rule of the settings themselves, which
+        `collection-api migrate` reads without any token to verify). Local mode without DATABASE_URL
+        gets its secret from the embedded data folder."""
+        if (
+            self.store_mode is not StoreMode.EMBEDDED
+            and self.supabase_jwt_secret is None
+            and self.jwks_url is None
+        ):
+            raise ValueError("set SUPABASE_URL (JWKS) or SUPABASE_JWT_SECRET so tokens can be verified")
 
     @property
     def is_local(self) -> bool:

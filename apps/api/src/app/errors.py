@@ -5,7 +5,9 @@ The response body stays compatible with FastAPI's own errors: ``{"detail": "..."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 
 class CollectionError(Exception):
@@ -112,6 +114,42 @@ class DatabaseUnavailable(CollectionError):
 
     def __init__(self, message: str = "The database is unavailable; retry shortly") -> None:
         super().__init__(message)
+
+
+class SchemaOutOfDate(DatabaseUnavailable):
+    """The database lacks a function or table this service calls: its migrations are not applied."""
+
+    def __init__(self) -> None:
+        super().__init__("The database schema is not up to date; retry shortly")
+
+
+def from_sqlstate(
+    sqlstate: str | None, detail: str | None, constraint: str | None = None
+) -> CollectionError | None:
+    """The domain error an error raised by one of our SQL functions stands for (None: not one of ours).
+    Both store modes map errors through this one table."""
+    info: dict[str, Any] = {}
+    if detail:
+        try:
+            info = json.loads(detail)
+        except ValueError:
+            info = {}
+    if sqlstate == "CR001":
+        return BudgetExceeded(int(info["estimated_cost_cents"]), int(info["budget_cap_cents"]))
+    if sqlstate == "CR002":
+        return ConcurrentRunLimit(int(info["max_concurrent_runs"]))
+    if sqlstate == "CR003":
+        return RunNotFound()
+    if sqlstate == "CR004":
+        return InvalidTransition(str(info.get("action", "change")), str(info.get("status", "unknown")))
+    if sqlstate == "CR005":
+        return LeaseLost()
+    if sqlstate == "23514":  # check_violation: a bound the schema enforces
+        # Name the rule, never echo the row (Postgres' message carries every column of it).
+        return ConstraintViolation(f"The request breaks the rule {constraint or 'of the schema'}")
+    if sqlstate in ("42883", "42P01"):  # undefined function or table
+        return SchemaOutOfDate()
+    return None
 
 
 def format_dollars(cents: int) -> str:

@@ -1,5 +1,6 @@
 """The collection executor: a manager per process that claims running runs under a lease, and one
-RunExecutor per claimed run that walks its categories and items.
+RunExecutor per claimed run that walks its categories and items. Every lease, reservation, checkpoint
+and transition goes through CollectionService, as the API's do.
 
 Durability rules (each enforced by a SQL function, fenced by the lease token):
 - before each charged call its cost is reserved; a reservation that would pass the run's cap pauses
@@ -17,15 +18,17 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
 from app.config import Pricing, Settings
 from app.errors import CollectionError, DatabaseUnavailable, InvalidTransition, LeaseLost
+from app.models import CollectionRunResponse, CollectionRunStatus, RunAction
 from app.observability import Metrics
+from app.operations import PendingItem, RunCategory
 from app.providers.base import CallResult, Provider, ProviderFatalError
-from app.store import Row, Store
+from app.services.collection import CollectionService, ItemOutcome, Lease
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +54,6 @@ class RateLimiter:
             await asyncio.sleep(wait)
 
 
-@dataclass
-class ItemOutcome:
-    status: str  # done | failed
-    attempts: int = 0
-    cost_cents: int = 0
-    result: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    sellers: list[dict[str, Any]] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class ExecutorLimits:
     items_in_flight: int
@@ -83,24 +76,22 @@ class ExecutorLimits:
 class RunExecutor:
     def __init__(
         self,
-        store: Store,
+        service: CollectionService,
         provider: Provider,
-        pricing: Pricing,
         limits: ExecutorLimits,
         limiter: RateLimiter,
-        run_id: UUID,
-        token: UUID,
+        lease: Lease,
         worker_id: str,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics
-        self.store = store
+        self.service = service
         self.provider = provider
-        self.pricing = pricing
+        self.pricing: Pricing = service.pricing
         self.limits = limits
         self.limiter = limiter
-        self.run_id = run_id
-        self.token = token
+        self.lease = lease
+        self.run_id = lease.run_id
         self.worker_id = worker_id
         self.stopping = asyncio.Event()
         self.stop_reason: str | None = None
@@ -114,14 +105,14 @@ class RunExecutor:
 
     async def execute(self) -> None:
         try:
-            for category in await self.store.run_categories(self.run_id):
+            for category in await self.service.run_categories(self.run_id):
                 if self.stopping.is_set():
                     break
-                if category["discovered_at"] is None:
+                if category.discovered_at is None:
                     await self._discover(category)
                     if self.stopping.is_set():
                         break
-                await self._process_category(category["category_id"])
+                await self._process_category(category.category_id)
             await self._finish()
         except LeaseLost:
             logger.warning("run %s: lease lost to another process; stopping without writing", self.run_id)
@@ -130,39 +121,37 @@ class RunExecutor:
             logger.warning("run %s: paused work, database unavailable: %s", self.run_id, exc.message)
 
     # Categories and items ----------------------------------------------------------------------
-    async def _discover(self, category: Row) -> None:
+    async def _discover(self, category: RunCategory) -> None:
         cents = self.pricing.bestsellers_cents
         if not await self._reserve(cents):
             return
         try:
-            result, attempts = await self._call(self.provider.bestsellers, category["category_id"])
+            result, attempts = await self._call(self.provider.bestsellers, category.category_id)
         except ProviderFatalError as exc:
-            await self.store.release_reservation(self.run_id, self.token, cents)
+            await self.service.release_budget(self.lease, cents)
             self._fail(str(exc))
             return
         products = [{"asin": p.asin, "title": p.title} for p in result.value or []]
-        await self.store.record_discovery(
-            self.run_id,
-            self.token,
-            category["position"],
+        await self.service.checkpoint_discovery(
+            self.lease,
+            category,
             products,
-            cents if result.charged else 0,
-            cents,
-            None if result.ok else f"amazon_bestsellers: {result.error}",
-            self.pricing.products_per_category,
+            cost_cents=cents if result.charged else 0,
+            reserved_cents=cents,
+            error=None if result.ok else f"amazon_bestsellers: {result.error}",
         )
 
     async def _process_category(self, category_id: str) -> None:
         slots = asyncio.Semaphore(self.limits.items_in_flight)
         async with asyncio.TaskGroup() as group:
-            for item in await self.store.pending_items(self.run_id, category_id):
+            for item in await self.service.pending_items(self.run_id, category_id):
                 await slots.acquire()
                 if self.stopping.is_set():
                     slots.release()
                     break
                 group.create_task(self._item(item, slots))
 
-    async def _item(self, item: Row, slots: asyncio.Semaphore) -> None:
+    async def _item(self, item: PendingItem, slots: asyncio.Semaphore) -> None:
         cents = self.pricing.cents_per_product
         try:
             if not await self._reserve(cents):
@@ -170,23 +159,10 @@ class RunExecutor:
             try:
                 outcome = await self._work(item)
             except ProviderFatalError as exc:
-                await self.store.release_reservation(self.run_id, self.token, cents)
+                await self.service.release_budget(self.lease, cents)
                 self._fail(str(exc))
                 return
-            run = await self.store.record_item(
-                self.run_id,
-                self.token,
-                item["category_id"],
-                item["asin"],
-                outcome.status,
-                outcome.attempts,
-                outcome.cost_cents,
-                cents,
-                outcome.result,
-                outcome.error,
-                outcome.sellers,
-                self.worker_id,
-            )
+            run = await self.service.checkpoint(self.lease, item, outcome, cents, self.worker_id)
             if self.metrics is not None:
                 self.metrics.items.labels(outcome.status).inc()
                 self.metrics.cents_charged.inc(outcome.cost_cents)
@@ -196,14 +172,14 @@ class RunExecutor:
         except CollectionError as exc:
             # Database down mid-item: what it may have cost stays reserved, and becomes an uncertain
             # charge if the run is released or taken over before the item is done again.
-            logger.warning("run %s item %s not recorded: %s", self.run_id, item["asin"], exc.message)
+            logger.warning("run %s item %s not recorded: %s", self.run_id, item.asin, exc.message)
             self.stop("database_unavailable")
         finally:
             slots.release()
 
-    async def _work(self, item: Row) -> ItemOutcome:
-        outcome = ItemOutcome(status="failed")
-        product_call, attempts = await self._call(self.provider.product, item["asin"])
+    async def _work(self, item: PendingItem) -> ItemOutcome:
+        outcome = ItemOutcome()
+        product_call, attempts = await self._call(self.provider.product, item.asin)
         outcome.attempts += attempts
         outcome.cost_cents += self.pricing.amazon_product_cents if product_call.charged else 0
         product = product_call.value
@@ -262,7 +238,7 @@ class RunExecutor:
 
     # Budget, failures, the end -----------------------------------------------------------------
     async def _reserve(self, cents: int) -> bool:
-        outcome = await self.store.reserve(self.run_id, self.token, cents)
+        outcome = await self.service.reserve_budget(self.lease, cents)
         if outcome == "ok":
             return True
         self.stop(outcome)
@@ -275,8 +251,8 @@ class RunExecutor:
             self.failure = reason
         self.stop("failed")
 
-    def _check_failure_share(self, run: Row) -> None:
-        processed, failed = run["processed_items"], run["failed_items"]
+    def _check_failure_share(self, run: CollectionRunResponse) -> None:
+        processed, failed = run.processed_items, run.failed_items
         if (
             processed >= self.limits.min_items_for_failure_share
             and failed > processed * self.limits.max_failed_share
@@ -290,40 +266,44 @@ class RunExecutor:
             return
         try:
             if self.failure is not None:
-                await self.store.finish_run(self.run_id, self.token, "fail", self.failure)
+                await self.service.finish_run(self.lease, RunAction.FAIL, self.failure)
                 logger.warning("run %s failed: %s", self.run_id, self.failure)
                 return
             if not self.stopping.is_set():
-                categories = await self.store.run_categories(self.run_id)
-                if categories and all(c["error"] for c in categories):
+                categories = await self.service.run_categories(self.run_id)
+                if categories and all(c.error for c in categories):
                     # Nothing could be collected: calling that "completed" would hide the failure.
-                    self.failure = f"no category could be discovered ({categories[0]['error']})"
-                    await self.store.finish_run(self.run_id, self.token, "fail", self.failure)
+                    self.failure = f"no category could be discovered ({categories[0].error})"
+                    await self.service.finish_run(self.lease, RunAction.FAIL, self.failure)
                     logger.warning("run %s failed: %s", self.run_id, self.failure)
                     return
-                finished = await self.store.finish_run(self.run_id, self.token, "complete", None)
+                finished = await self.service.finish_run(self.lease, RunAction.COMPLETE, None)
                 if finished is not None:
                     logger.info(
                         "run %s completed: %s items, %s failed, %s cents (estimated %s)",
                         self.run_id,
-                        finished["processed_items"],
-                        finished["failed_items"],
-                        finished["actual_cost_cents"],
-                        finished["estimated_cost_cents"],
+                        finished.processed_items,
+                        finished.failed_items,
+                        finished.actual_cost_cents,
+                        finished.estimated_cost_cents,
                     )
                     return
         except InvalidTransition:
             pass  # paused or cancelled meanwhile: give the run back as it is
-        await self.store.release_run(self.run_id, self.token)
+        await self.service.release_run(self.lease)
 
 
 class CollectionManager:
     """Claims running runs for this process, heartbeats their leases and runs an executor for each."""
 
     def __init__(
-        self, store: Store, provider: Provider, settings: Settings, metrics: Metrics | None = None
+        self,
+        service: CollectionService,
+        provider: Provider,
+        settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.store = store
+        self.service = service
         self.provider = provider
         self.settings = settings
         self.metrics = metrics
@@ -367,35 +347,33 @@ class CollectionManager:
     async def tick(self) -> None:
         """Heartbeat what we hold, stop what we no longer hold, then claim what we have room for."""
         ttl = self.settings.lease_ttl_s
-        held = await self.store.heartbeat(self.token, ttl)
+        held = await self.service.heartbeat(self.token, ttl)
         for run_id, (executor, _) in list(self.executors.items()):
             status = held.get(run_id)
             if status is None:
                 executor.stop("lease_lost")
-            elif status != "running":
-                executor.stop(status)
+            elif status is not CollectionRunStatus.RUNNING:
+                executor.stop(status.value)
         for run_id, status in held.items():
             if run_id in self.executors:
                 continue
-            if status == "running":
+            if status is CollectionRunStatus.RUNNING:
                 self._spawn(run_id)  # ours, but its executor ended early (e.g. the database was down)
             else:
-                await self.store.release_run(run_id, self.token)
+                await self.service.release_run(Lease(run_id, self.token))
         room = self.settings.runs_per_process - len(self.executors)
         if room > 0:
-            for run in await self.store.claim_runs(self.worker_id, self.token, ttl, room):
-                logger.info("run %s (%s) claimed by %s", run["id"], run["name"], self.worker_id)
-                self._spawn(run["id"])
+            for run in await self.service.claim_runs(self.worker_id, self.token, ttl, room):
+                logger.info("run %s (%s) claimed by %s", run.id, run.name, self.worker_id)
+                self._spawn(run.id)
 
     def _spawn(self, run_id: UUID) -> None:
         executor = RunExecutor(
-            self.store,
+            self.service,
             self.provider,
-            self.settings.pricing,
             self.limits,
             self.limiter,
-            run_id,
-            self.token,
+            Lease(run_id, self.token),
             self.worker_id,
             self.metrics,
         )
@@ -425,6 +403,6 @@ class CollectionManager:
             # expires; what they had reserved becomes an uncertain charge (release_run).
             logger.warning("run %s: calls still in flight after %.1fs; run given back", run_id, grace)
             try:
-                await self.store.release_run(run_id, self.token)
+                await self.service.release_run(Lease(run_id, self.token))
             except CollectionError as exc:
                 logger.warning("run %s: could not give it back: %s", run_id, exc.message)

@@ -1,4 +1,9 @@
-"""The FastAPI application: lifespan (pool, services, start-up recovery), error handlers, routers."""
+"""The FastAPI application, made by `create_app()`: lifespan (store, service, executor, start-up
+recovery), error handlers, middleware and routers.
+
+Importing this module reads no settings and opens nothing: `collection-api serve` calls the factory,
+and so can `uvicorn app.main:create_app --factory`.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,28 @@ import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 import httpx
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.auth import AccessCache, TokenVerifier, document_guarded_operations
+from app.auth import AccessCache, TokenVerifier, current_user, needs_authentication, refused_authentication
 from app.background import collection_manager, collection_startup_recovery
 from app.config import Settings, StoreMode, get_settings
-from app.database import create_pool
+from app.database import PostgresTransport, create_pool
 from app.errors import CollectionError
 from app.migrate import migrations
 from app.observability import Metrics, RequestContextMiddleware, fastapi_telemetry
 from app.providers import make_provider
-from app.routers import admin as admin_router
-from app.routers import collection as collection_router
-from app.routers import health as health_router
+from app.routers import admin, collection, health
 from app.services.collection import CollectionService
-from app.store import PostgresStore, Store
+from app.store import Store, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +47,31 @@ HTTP_ERROR_CODES = {
 }
 
 
-async def collection_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, CollectionError)
+def error_response(exc: CollectionError) -> JSONResponse:
     return JSONResponse(
         {"detail": exc.message, "error": exc.error}, status_code=exc.status_code, headers=exc.headers
     )
 
 
+async def collection_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CollectionError)
+    return error_response(exc)
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    # Unauthenticated callers learn nothing about an operation that needs a token: not even that its
+    # body is malformed (FastAPI parses a JSON body, and validates headers, before it calls
+    # current_user, which would have answered 401).
+    route = request.scope.get("route")
+    if (
+        isinstance(route, APIRoute)
+        and current_user not in request.app.dependency_overrides
+        and needs_authentication(route)
+    ):
+        refused = await refused_authentication(request)
+        if refused is not None:
+            return error_response(refused)
     return JSONResponse(
         {"detail": jsonable_encoder(exc.errors()), "error": "validation_error"}, status_code=422
     )
@@ -91,21 +112,26 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
 async def open_store(settings: Settings) -> Store:
     """The store for the configured mode: asyncpg with DATABASE_URL, else Supabase's REST API."""
     versions = [m.version for m in migrations(settings.supabase_dir)]
+    transport: Transport
     if settings.store_mode is StoreMode.SUPABASE_REST:
         # Imported here: supabase-py takes most of a second to import, which the direct mode never needs.
-        from app.store_rest import SupabaseRestStore
+        from app.store_rest import RestTransport
 
         logger.info("store: Supabase REST API at %s (supabase-py, service-role key)", settings.supabase_url)
-        return await SupabaseRestStore.connect(settings, versions)
-    logger.info(
-        "store: Postgres through asyncpg (%s)",
-        "transaction pooler" if settings.uses_transaction_pooler else "direct connection",
-    )
-    return PostgresStore(await create_pool(settings), settings.db_acquire_timeout_s, versions)
+        transport = await RestTransport.connect(settings)
+    else:
+        logger.info(
+            "store: Postgres through asyncpg (%s)",
+            "transaction pooler" if settings.uses_transaction_pooler else "direct connection",
+        )
+        transport = PostgresTransport(await create_pool(settings), settings.db_acquire_timeout_s)
+    return Store(transport, versions)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application on `settings` (default: read from the environment now)."""
     settings = settings or get_settings()
+    settings.refuse_unverifiable_tokens()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,10 +151,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.service = service
         app.state.token_verifier = TokenVerifier(settings, http_client)
-        app.state.access_cache = AccessCache(store, settings.auth_cache_s)
+        app.state.access_cache = AccessCache(service.user_access, settings.auth_cache_s)
         await collection_startup_recovery(service, settings.recovery_log_limit, settings.executor_enabled)
         manager = (
-            collection_manager(store, provider, settings, metrics) if settings.executor_enabled else None
+            collection_manager(service, provider, settings, metrics) if settings.executor_enabled else None
         )
         app.state.manager = manager
         try:
@@ -144,7 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     app = FastAPI(
         title="Collection API",
-        version="0.6.2",
+        version=version("collection-api"),
         summary="Collection runs for seller research: estimate, budget-check, start and track runs.",
         lifespan=lifespan,
         telemetry=fastapi_telemetry(os.environ),
@@ -157,31 +183,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH"],
-            allow_headers=["Authorization", "Content-Type", "X-Org-Id"],
+            allow_headers=["Authorization", "Content-Type", "X-Org-Id", "Last-Event-ID"],
             max_age=600,
         )
     app.add_exception_handler(CollectionError, collection_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
-    # The collection routes first: routes are matched in order, and they carry the traffic.
-    for router in (collection_router.router, health_router.router, admin_router.router):
-        add_routes(app, router)
-    build_openapi = app.openapi
-    app.openapi = lambda: document_guarded_operations(app.routes, build_openapi())  # type: ignore[method-assign]
+    app.include_router(collection.router)
+    app.include_router(health.router)
+    app.include_router(admin.console_router())
     return app
-
-
-def add_routes(app: FastAPI, router: APIRouter) -> None:
-    """The router's routes, on the app's own router.
-
-    `include_router` (in the FastAPI we pin) keeps each router as one nested route that works out its
-    routes' effective settings while matching every request: ~30 µs of a `GET /runs/{id}`'s CPU
-    (benchmarks/README.md). Our routers are complete as declared (their prefix, tags and responses are
-    already in each route; no dependencies to merge), so their routes are added as they are. They are
-    built once, without the app as their dependency-overrides provider: `app.dependency_overrides`
-    does not reach them (nothing here uses overrides; tests run the real dependencies)."""
-    app.router.routes.extend(router.routes)
-
-
-app = create_app()

@@ -104,10 +104,14 @@ class CollectionRunStatus(StrEnum):
 
 
 class RunAction(StrEnum):
+    """The actions of the transitions table: the API's four, and the executor's complete and fail."""
+
     START = "start"
     PAUSE = "pause"
     RESUME = "resume"
     CANCEL = "cancel"
+    COMPLETE = "complete"
+    FAIL = "fail"
 
 
 class StrictModel(BaseModel):

@@ -1,7 +1,7 @@
 """Request ids, structured access logs, security headers and Prometheus metrics.
 
-One pure-ASGI middleware does the per-request work (cheaper than BaseHTTPMiddleware: a few
-microseconds). Logs never carry headers, so a bearer token can never reach them.
+One pure-ASGI middleware does the per-request work (cheaper than BaseHTTPMiddleware, which runs the
+rest of the app in a task of its own). Logs never carry headers, so a bearer token can never reach them.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def fastapi_telemetry(environ: Mapping[str, str]) -> TelemetryConfig | None:
     """FastAPI's own OpenTelemetry when the environment sets OpenTelemetry up, otherwise off.
 
     FastAPI checks on every request whether a tracer, meter or logger provider has been configured
-    (~5 µs of a `GET /runs/{id}`, benchmarks/README.md). Deciding once at start: on (FastAPI's
+    (benchmarks/README.md has what that costs). Deciding once at start: on (FastAPI's
     defaults, None) when any `OTEL_*` variable is set, as `opentelemetry-instrument` and the SDK's
     environment configuration use, or `FASTAPI_OTEL_AUTO_CONFIGURE`; off otherwise. Our own
     Prometheus metrics and access lines do not depend on it."""
@@ -101,7 +101,7 @@ class Metrics:
             registry=self.registry,
         )
         # Request latencies wait here and go into the histogram together: its children take a lock
-        # per bucket and per sum, a few µs of every request one at a time. Scrapes flush first.
+        # per bucket and per sum, taken for each request one at a time. Scrapes flush first.
         self._pending: list[tuple[str, str, int, float]] = []
         self._latency: dict[tuple[str, str, int], Any] = {}
 
@@ -299,8 +299,8 @@ class AccessLineWriter:
     """Access lines onto the log handler's stream, in its format, buffered as nginx buffers its own.
 
     The same line `LogfmtFormatter`/`JsonFormatter` would write, without a `LogRecord`, a filter and a
-    formatter per request, and with one write for many lines instead of a system call each: that path
-    cost 40-70 µs of a 470 µs request (benchmarks/README.md), this a few. A line waits at most
+    formatter per request, and with one write for many lines instead of a system call each (what each
+    costs: benchmarks/README.md). A line waits at most
     `ACCESS_FLUSH_S` (or until `ACCESS_BUFFER_LINES` are pending); any other log line first writes out
     the access lines before it, so the stream stays in order; at exit the rest is written. Only a
     killed process can lose the last `ACCESS_FLUSH_S` of access lines.

@@ -16,11 +16,11 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from app.config import REPO_ROOT
+from app.config import packaged
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = REPO_ROOT / "apps" / "web"
+WEB_DIR = packaged("web")
 
 
 class ConsoleFiles(StaticFiles):
@@ -39,10 +39,12 @@ class ConsoleFiles(StaticFiles):
         return response
 
 
-router = APIRouter(include_in_schema=False)
-
-if (WEB_DIR / "index.html").is_file():
-    # /admin redirects to /admin/, which serves index.html (html=True); the rest are its assets.
-    router.mount("/admin", ConsoleFiles(directory=WEB_DIR, html=True), name="admin")
-else:  # an installed wheel carries only the API package
-    logger.warning("admin console not served: %s has no index.html", WEB_DIR)
+def console_router() -> APIRouter:
+    """/admin: the console's files, when this installation has them."""
+    router = APIRouter(include_in_schema=False)
+    if (WEB_DIR / "index.html").is_file():
+        # /admin redirects to /admin/, which serves index.html (html=True); the rest are its assets.
+        router.mount("/admin", ConsoleFiles(directory=WEB_DIR, html=True), name="admin")
+    else:
+        logger.warning("admin console not served: %s has no index.html", WEB_DIR)
+    return router

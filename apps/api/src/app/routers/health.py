@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.config import Settings
+from app.deps import Service
 from app.errors import CollectionError, NotAuthenticated
+from app.models import CollectionRunStatus
 from app.observability import Metrics
 from app.store import Store
 
@@ -33,7 +35,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, service: Service) -> Response:
     """Prometheus metrics (see the README for each one)."""
     settings: Settings = request.app.state.settings
     if settings.metrics_token is not None:
@@ -43,13 +45,12 @@ async def metrics(request: Request) -> Response:
     elif not settings.is_local:
         return JSONResponse({"detail": "Not Found", "error": "not_found"}, status_code=404)
     registry: Metrics = request.app.state.metrics
-    store: Store = request.app.state.store
     try:
-        counts = await store.run_status_counts()
+        counts = await service.run_status_counts()
     except CollectionError:
         counts = None  # the database is down: serve the process's own metrics anyway
     if counts is not None:
-        for status in ("pending", "running", "paused", "completed", "failed", "cancelled"):
-            registry.runs.labels(status).set(counts.get(status, 0))
+        for status in CollectionRunStatus:
+            registry.runs.labels(status.value).set(counts.get(status, 0))
     registry.flush()  # the request latencies not yet in the histogram
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,16 +1,21 @@
-"""CollectionService: the rules of collection runs. Budget, limits and transitions are enforced by
-the SQL functions behind the store; this layer prices, names and shapes."""
+"""CollectionService: the rules of collection runs, for every caller (the routers and the executor).
+
+Budget checks, run state transitions and checkpoint writes all go through here, and from here through
+the store to one SQL function each, which enforces the invariant atomically; this layer prices, names
+and shapes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from app import operations as ops
 from app.config import Pricing
 from app.errors import InvalidCursor, RunNotFound
 from app.models import (
@@ -21,17 +26,15 @@ from app.models import (
     CollectionSettingsResponse,
     CollectionSettingsUpdate,
     CostEstimate,
-    IncompleteRun,
     IncompleteRuns,
     ItemStatus,
     RunAction,
     RunItemListResponse,
-    RunItemResponse,
     RunProgress,
     RunTransitionEvent,
     SellerListResponse,
-    SellerResponse,
 )
+from app.operations import EstimateInputs, OrgAccess, PendingItem, RunCategory
 from app.store import Store
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,30 @@ TERMINAL_STATUSES = frozenset(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A run held by one executor process: every write it makes is fenced by this token."""
+
+    run_id: UUID
+    token: UUID
+
+
+@dataclass(slots=True)
+class ItemOutcome:
+    """What working one item came to (filled in as its calls come back): recorded once by
+    `CollectionService.checkpoint`."""
+
+    status: str = "failed"  # done | failed
+    attempts: int = 0
+    cost_cents: int = 0
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    sellers: list[dict[str, Any]] = field(default_factory=list)
+
+
+EVENTS_PER_POLL = 500
+
+
 class CollectionService:
     def __init__(self, store: Store, pricing: Pricing, provider_name: str = "sandbox") -> None:
         self.store = store
@@ -82,32 +109,31 @@ class CollectionService:
 
     # Settings ------------------------------------------------------------------------------------
     async def get_settings(self, org_id: UUID) -> CollectionSettingsResponse:
-        return CollectionSettingsResponse.model_validate(await self.store.get_settings(org_id))
+        return await self.store.call(ops.GET_SETTINGS, org_id=org_id)
 
     async def update_settings(
         self, org_id: UUID, update: CollectionSettingsUpdate
     ) -> CollectionSettingsResponse:
-        row = await self.store.update_settings(org_id, update.model_dump(exclude_unset=True))
-        return CollectionSettingsResponse.model_validate(row)
+        # Fields left out are None: the function leaves them as they are.
+        return await self.store.call(ops.UPDATE_SETTINGS, update, org_id=org_id)
 
     # Estimate ------------------------------------------------------------------------------------
-    def price(self, inputs: Mapping[str, Any], category_ids: Sequence[str]) -> CostEstimate:
+    def price(self, inputs: EstimateInputs, category_ids: Sequence[str]) -> CostEstimate:
         """Price each category from what earlier runs observed of it, or from the plan's defaults.
 
         From history: its discovery cost plus its last product count times the observed cost per
         product (charged retries included), rounded up.
         """
-        settings = CollectionSettingsResponse.model_validate(inputs["settings"])
-        history: Mapping[str, Mapping[str, int]] = inputs["history"]
+        settings = inputs.settings
         breakdown: dict[str, int] = {}
         from_history: list[str] = []
         total_items = 0
         for category_id in category_ids:
-            seen = history.get(category_id)
+            seen = inputs.history.get(category_id)
             if seen:
-                products = seen["products"]
-                per_products = -(-products * seen["item_cost_cents"] // seen["items_processed"])
-                breakdown[category_id] = seen["discovery_cost_cents"] + per_products
+                products = seen.products
+                per_products = -(-products * seen.item_cost_cents // seen.items_processed)
+                breakdown[category_id] = seen.discovery_cost_cents + per_products
                 from_history.append(category_id)
             else:
                 products = self.pricing.products_per_category
@@ -127,7 +153,8 @@ class CollectionService:
         )
 
     async def estimate_cost(self, org_id: UUID, category_ids: Sequence[str]) -> CostEstimate:
-        return self.price(await self.store.estimate_inputs(org_id, category_ids), category_ids)
+        inputs = await self.store.call(ops.ESTIMATE_INPUTS, org_id=org_id, category_ids=list(category_ids))
+        return self.price(inputs, category_ids)
 
     # Runs ----------------------------------------------------------------------------------------
     async def create_run(
@@ -137,22 +164,22 @@ class CollectionService:
         estimate = await self.estimate_cost(org_id, request.category_ids)
         # A name is kept verbatim; only a blank one is replaced.
         name = request.name if request.name and request.name.strip() else default_run_name()
-        row = await self.store.create_run(
+        return await self.store.call(
+            ops.CREATE_RUN,
+            request,
             org_id=org_id,
             created_by=created_by,
             name=name,
-            category_ids=request.category_ids,
             estimated_cost_cents=estimate.total_cents,
             total_items=estimate.total_items,
             provider=self.provider_name,
         )
-        return CollectionRunResponse.model_validate(row)
 
     async def get_run(self, org_id: UUID, run_id: str | UUID) -> CollectionRunResponse:
-        row = await self.store.get_run(org_id, parse_run_id(run_id))
-        if row is None:
+        run = await self.store.call(ops.GET_RUN, org_id=org_id, run_id=parse_run_id(run_id))
+        if run is None:
             raise RunNotFound()
-        return CollectionRunResponse.model_validate(row)
+        return run
 
     async def list_runs(
         self,
@@ -164,93 +191,107 @@ class CollectionService:
     ) -> CollectionRunListResponse:
         """A page of the org's runs, newest first; `total` counts the runs matching `status`.
         With a cursor, the page after the run it names (keyset: as fast at any depth)."""
-        after = decode_cursor(cursor) if cursor else None
-        rows, total, estimated = await self.store.list_runs(
-            org_id, limit, 0 if after else offset, status.value if status else None, after
+        after_created_at, after_id = decode_cursor(cursor) if cursor else (None, None)
+        page = await self.store.call(
+            ops.LIST_RUNS,
+            org_id=org_id,
+            limit=limit,
+            offset=0 if cursor else offset,
+            status=status.value if status else None,
+            after_created_at=after_created_at,
+            after_id=after_id,
         )
-        runs = [CollectionRunResponse.model_validate(row) for row in rows]
-        last = runs[-1] if len(runs) == limit else None
+        last = page.runs[-1] if len(page.runs) == limit else None
         return CollectionRunListResponse(
-            runs=runs,
-            total=total,
-            total_estimated=estimated,
+            runs=page.runs,
+            total=page.total,
+            total_estimated=page.total_estimated,
             next_cursor=encode_cursor(last.created_at, last.id) if last else None,
         )
 
-    async def transition(
-        self,
-        org_id: UUID,
-        run_id: str | UUID,
-        action: RunAction,
-        actor: UUID | None,
-        reason: str | None = None,
-    ) -> CollectionRunResponse:
-        row = await self.store.transition_run(org_id, parse_run_id(run_id), action.value, actor, reason)
-        return CollectionRunResponse.model_validate(row)
-
     async def start_run(self, org_id: UUID, run_id: str | UUID, actor: UUID | None) -> CollectionRunResponse:
-        return await self.transition(org_id, run_id, RunAction.START, actor)
+        """pending → running."""
+        return await self._transition(org_id, run_id, RunAction.START, actor)
 
     async def pause_run(self, org_id: UUID, run_id: str | UUID, actor: UUID | None) -> CollectionRunResponse:
-        return await self.transition(org_id, run_id, RunAction.PAUSE, actor)
+        """running → paused."""
+        return await self._transition(org_id, run_id, RunAction.PAUSE, actor)
 
     async def resume_run(self, org_id: UUID, run_id: str | UUID, actor: UUID | None) -> CollectionRunResponse:
-        return await self.transition(org_id, run_id, RunAction.RESUME, actor)
+        """paused → running."""
+        return await self._transition(org_id, run_id, RunAction.RESUME, actor)
 
     async def cancel_run(self, org_id: UUID, run_id: str | UUID, actor: UUID | None) -> CollectionRunResponse:
-        return await self.transition(org_id, run_id, RunAction.CANCEL, actor)
+        """pending, running or paused → cancelled."""
+        return await self._transition(org_id, run_id, RunAction.CANCEL, actor)
 
-    async def checkpoint(
-        self,
-        org_id: UUID,
-        run_id: str | UUID,
-        step_key: str,
-        checkpoint: Mapping[str, Any],
-        processed_delta: int = 0,
-        failed_delta: int = 0,
-        cost_cents: int = 0,
+    async def _transition(
+        self, org_id: UUID, run_id: str | UUID, action: RunAction, actor: UUID | None
     ) -> CollectionRunResponse:
-        """Record one unit of work once: checkpoint, counters and actual cost in one statement."""
-        row = await self.store.checkpoint(
-            org_id, parse_run_id(run_id), step_key, checkpoint, processed_delta, failed_delta, cost_cents
+        return await self.store.call(
+            ops.TRANSITION_RUN,
+            org_id=org_id,
+            run_id=parse_run_id(run_id),
+            action=action.value,
+            actor=actor,
+            reason=None,
         )
-        return CollectionRunResponse.model_validate(row)
 
     # Items, sellers, progress ---------------------------------------------------------------------
     async def list_items(
-        self, org_id: UUID, run_id: str | UUID, status: ItemStatus | None, limit: int, offset: int
+        self, org_id: UUID, run_id: str, status: ItemStatus | None, limit: int, offset: int
     ) -> RunItemListResponse:
         run = await self.get_run(org_id, run_id)  # 404 for another org's run, not an empty page
-        rows, total = await self.store.list_items(
-            org_id, run.id, status.value if status else None, limit, offset
+        return await self.store.call(
+            ops.LIST_ITEMS,
+            org_id=org_id,
+            run_id=run.id,
+            status=status.value if status else None,
+            limit=limit,
+            offset=offset,
         )
-        return RunItemListResponse(items=[RunItemResponse.model_validate(r) for r in rows], total=total)
 
     async def list_sellers(self, org_id: UUID, limit: int, offset: int) -> SellerListResponse:
-        rows, total = await self.store.list_sellers(org_id, limit, offset)
-        return SellerListResponse(sellers=[SellerResponse.model_validate(r) for r in rows], total=total)
+        return await self.store.call(ops.LIST_SELLERS, org_id=org_id, limit=limit, offset=offset)
 
     async def watch_run(
-        self, org_id: UUID, run_id: UUID, poll_s: float = 0.25, stop: asyncio.Event | None = None
-    ) -> AsyncIterator[RunProgress | RunTransitionEvent]:
-        """Every transition, and a progress snapshot whenever it changed (at most 1/poll_s a second),
-        until the run ends or `stop` is set (the server is shutting down; clients reconnect)."""
+        self,
+        org_id: UUID,
+        run_id: UUID,
+        after_event_id: int = 0,
+        poll_s: float = 0.25,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[tuple[RunProgress | RunTransitionEvent, int]]:
+        """Every transition after `after_event_id`, and a progress snapshot first and whenever it
+        changed (at most 1/poll_s a second), until the run ends or `stop` is set (the server is shutting
+        down; clients reconnect). Each comes with the id of the last event read so far: where a client
+        that reconnects resumes."""
         stop = stop or asyncio.Event()
-        last_event_id = 0
+        last_event_id = after_event_id
         last_progress: RunProgress | None = None
         while True:
             # The run before its events: a status change and its event are written in one transaction,
             # so a run read as finished has the transition that finished it among the events read next.
-            row = await self.store.get_run(org_id, run_id)
-            for event in await self.store.run_events_since(org_id, run_id, last_event_id):
-                last_event_id = event["id"]
-                if event["from_status"] is not None:
-                    yield RunTransitionEvent.model_validate(event)
-            if row is None:
+            run = await self.store.call(ops.GET_RUN, org_id=org_id, run_id=run_id)
+            while True:
+                events = await self.store.call(
+                    ops.RUN_EVENTS_SINCE,
+                    org_id=org_id,
+                    run_id=run_id,
+                    after_id=last_event_id,
+                    limit=EVENTS_PER_POLL,
+                )
+                for event in events:
+                    last_event_id = event.id
+                    if event.from_status is not None:
+                        yield event, last_event_id
+                if len(events) < EVENTS_PER_POLL:
+                    break
+            if run is None:
                 return
-            progress = RunProgress.model_validate(row)
+            progress = RunProgress.model_validate(run, from_attributes=True)
             if progress != last_progress:
-                yield progress
+                yield progress, last_event_id
                 last_progress = progress
             if progress.status in TERMINAL_STATUSES:
                 return
@@ -260,10 +301,101 @@ class CollectionService:
             except TimeoutError:
                 pass
 
+    # Authorisation ---------------------------------------------------------------------------------
+    async def user_access(self, user_id: UUID) -> list[OrgAccess]:
+        """The user's organisations and the permissions their role grants in each."""
+        return await self.store.call(ops.USER_ACCESS, user_id=user_id)
+
+    # The executor: leases, budget, checkpoints ------------------------------------------------------
+    async def claim_runs(
+        self, owner: str, token: UUID, lease_s: int, limit: int
+    ) -> list[CollectionRunResponse]:
+        """Running runs this process may take: free, expired, or left by an earlier process of `owner`."""
+        return await self.store.call(ops.CLAIM_RUNS, owner=owner, token=token, lease_s=lease_s, limit=limit)
+
+    async def heartbeat(self, token: UUID, lease_s: int) -> dict[UUID, CollectionRunStatus]:
+        """Extend this process's leases; the runs it still holds, with their status."""
+        held = await self.store.call(ops.HEARTBEAT, token=token, lease_s=lease_s)
+        return {run.id: run.status for run in held}
+
+    async def release_run(self, lease: Lease) -> None:
+        """Give the run back; what is still reserved becomes an uncertain charge."""
+        await self.store.call(ops.RELEASE_RUN, run_id=lease.run_id, token=lease.token)
+
+    async def run_categories(self, run_id: UUID) -> list[RunCategory]:
+        return await self.store.call(ops.RUN_CATEGORIES, run_id=run_id)
+
+    async def pending_items(self, run_id: UUID, category_id: str) -> list[PendingItem]:
+        return await self.store.call(ops.PENDING_ITEMS, run_id=run_id, category_id=category_id)
+
+    async def reserve_budget(self, lease: Lease, cents: int) -> str:
+        """Reserve the cost of the next call before it is made: 'ok', or why not ('budget_exhausted':
+        the run is now paused at its cap; another status; 'lease_lost')."""
+        return await self.store.call(ops.RESERVE, run_id=lease.run_id, token=lease.token, cents=cents)
+
+    async def release_budget(self, lease: Lease, cents: int) -> None:
+        """Hand back a reservation whose call was never made."""
+        await self.store.call(ops.RELEASE_RESERVATION, run_id=lease.run_id, token=lease.token, cents=cents)
+
+    async def checkpoint_discovery(
+        self,
+        lease: Lease,
+        category: RunCategory,
+        products: list[dict[str, Any]],
+        cost_cents: int,
+        reserved_cents: int,
+        error: str | None,
+    ) -> CollectionRunResponse:
+        """A category's products, found (or not: `error`), its cost and the run's checkpoint, once."""
+        return await self.store.call(
+            ops.RECORD_DISCOVERY,
+            run_id=lease.run_id,
+            token=lease.token,
+            position=category.position,
+            products=products,
+            cost_cents=cost_cents,
+            reserved_cents=reserved_cents,
+            error=error,
+            estimated_per_category=self.pricing.products_per_category,
+        )
+
+    async def checkpoint(
+        self, lease: Lease, item: PendingItem, outcome: ItemOutcome, reserved_cents: int, worker: str
+    ) -> CollectionRunResponse:
+        """Record one unit of work once: the item's result, the run's counters, its actual cost (its
+        reservation released), the sellers found and the checkpoint, in one statement. A second record
+        of the same item (a retry after a lost answer) only books the money it spent."""
+        return await self.store.call(
+            ops.RECORD_ITEM,
+            run_id=lease.run_id,
+            token=lease.token,
+            category_id=item.category_id,
+            asin=item.asin,
+            status=outcome.status,
+            attempts=outcome.attempts,
+            cost_cents=outcome.cost_cents,
+            reserved_cents=reserved_cents,
+            result=outcome.result,
+            error=outcome.error,
+            sellers=outcome.sellers,
+            worker=worker,
+        )
+
+    async def finish_run(
+        self, lease: Lease, action: RunAction, reason: str | None
+    ) -> CollectionRunResponse | None:
+        """complete (None while anything is left to do) or fail the run, and give it back."""
+        return await self.store.call(
+            ops.FINISH_RUN, run_id=lease.run_id, token=lease.token, action=action.value, reason=reason
+        )
+
+    async def run_status_counts(self) -> dict[CollectionRunStatus, int]:
+        """Runs in each status, all organisations (for /metrics)."""
+        return {count.status: count.runs for count in await self.store.call(ops.RUN_STATUS_COUNTS)}
+
     # Recovery ------------------------------------------------------------------------------------
     async def get_incomplete_runs(self, limit: int = 50) -> IncompleteRuns:
-        rows, total = await self.store.incomplete_runs(limit)
-        return IncompleteRuns(total=total, runs=[IncompleteRun.model_validate(r) for r in rows])
+        return await self.store.call(ops.INCOMPLETE_RUNS, limit=limit)
 
     async def resume_incomplete_runs(self, log_limit: int = 50, executing: bool = True) -> IncompleteRuns:
         """Find the runs a previous process left running or paused and log each of them.
