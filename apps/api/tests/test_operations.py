@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from app import operations as ops
+from app.models import CollectionRunResponse
 from app.operations import OPERATIONS, Operation, Shape
 
 # Functions of the schema that no client calls: the schema's own helpers and triggers.
@@ -127,32 +128,23 @@ def test_every_function_of_the_schema_is_an_operation_or_a_helper(
 
 class TestBinding:
     def test_arguments_are_bound_by_name_in_the_functions_order(self) -> None:
-        org, user = uuid.uuid4(), uuid.uuid4()
-        bound = ops.CREATE_RUN.bind(
-            None,
-            {
-                "total_items": 50,
-                "estimated_cost_cents": 500,
-                "provider": "sandbox",
-                "org_id": org,
-                "created_by": user,
-                "name": "n",
-                "category_ids": ["a"],
-            },
+        # Two integers side by side, given the other way round: each lands on its own name.
+        create = ops.One(
+            "f",
+            CollectionRunResponse,
+            {"org_id": "uuid", "estimated_cost_cents": "bigint", "total_items": "integer"},
         )
+        org = uuid.uuid4()
+        bound = create.bind(None, {"total_items": 50, "estimated_cost_cents": 500, "org_id": org})
         assert list(bound.items()) == [
             ("p_org_id", org),
-            ("p_created_by", user),
-            ("p_name", "n"),
-            ("p_category_ids", ["a"]),
             ("p_estimated_cost_cents", 500),
             ("p_total_items", 50),
-            ("p_provider", "sandbox"),
         ]
-        assert ops.CREATE_RUN.sql == (
-            "select * from public.collection_create_run(p_org_id => $1, p_created_by => $2, p_name => $3, "
-            "p_category_ids => $4, p_estimated_cost_cents => $5, p_total_items => $6, p_provider => $7)"
+        assert create.sql == (
+            "select * from public.f(p_org_id => $1, p_estimated_cost_cents => $2, p_total_items => $3)"
         )
+        assert ops.Value("g", int, {"limit": "integer"}, "integer").sql == "select public.g(p_limit => $1)"
 
     @pytest.mark.parametrize(
         ("given", "message"),

@@ -34,7 +34,7 @@ from app.errors import (
 )
 from app.main import create_app
 from app.migrate import migrations
-from app.models import CollectionRunResponse
+from app.models import CollectionRunCreate, CollectionRunResponse
 from app.store import Store
 from app.store_rest import RestStoreError, RestTransport
 from conftest import JWT_SECRET, SERVICE_ROLE_KEY, World, create_run, free_port, make_settings
@@ -121,12 +121,14 @@ async def new_run(
     items: int = 50,
     created_by: uuid.UUID | None = None,
 ) -> CollectionRunResponse:
+    # The fields of the request model fill the function's remaining arguments, as in the service.
+    request = CollectionRunCreate(name=name, category_ids=categories or ["garden"])
     return await store.call(
         ops.CREATE_RUN,
+        request,
         org_id=org_id,
         created_by=created_by,
         name=name,
-        category_ids=categories or ["garden"],
         estimated_cost_cents=cost,
         total_items=items,
         provider="sandbox",
@@ -298,7 +300,9 @@ class TestWhatTheAdapterSends:
             assert call.headers["apikey"] == SERVICE_ROLE_KEY
             assert call.headers["authorization"] == f"Bearer {SERVICE_ROLE_KEY}"
             assert call.headers["content-profile"] == "public"
-        assert calls[2].body == {
+        # Every argument the operation declares, by name (so none can land in another's place).
+        assert list(calls[2].body) == [f"p_{name}" for name in ops.CREATE_RUN.args]
+        assert calls[2].body | {
             "p_org_id": str(admin.org_id),
             "p_created_by": str(admin.user_id),
             "p_name": run["name"],
@@ -306,7 +310,7 @@ class TestWhatTheAdapterSends:
             "p_estimated_cost_cents": 1000,
             "p_total_items": 100,
             "p_provider": "sandbox",
-        }
+        } == calls[2].body
         stored = await db.fetchval(
             "select category_ids from collection_runs where id = $1", uuid.UUID(run["id"])
         )

@@ -80,13 +80,16 @@ class PostgresTransport:
     starves some requests (a p99 several times the median). Waiting for a turn is bounded by
     DB_ACQUIRE_TIMEOUT_S. With a turn, a connection is free at once, or can be opened (bounded by the
     connect timeout), except when a release cut short by a cancelled request is still finishing in
-    the background: then, and only then, asyncpg's own wait is bounded by the same timeout.
+    the background (asyncpg shields it): from such a cancellation until every connection is back,
+    asyncpg's own wait is bounded by the same timeout too.
     """
 
     def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
         self._turns = asyncio.BoundedSemaphore(pool.get_max_size())
+        self._held = 0  # turns given and not yet back
+        self._release_interrupted = False  # a connection may still be coming back without its turn
 
     def connection(self) -> Checkout:
         """`async with transport.connection() as conn:` one pooled connection, in turn; a database
@@ -109,15 +112,19 @@ class PostgresTransport:
             else:
                 await turns.acquire()  # at once
             try:
-                if pool.get_idle_size() == 0:
-                    # A connection to open, or one still coming back: asyncpg's queue may wait.
-                    return await pool.acquire(timeout=timeout)
-                return await pool.acquire()
+                if self._release_interrupted and pool.get_size() - pool.get_idle_size() > self._held:
+                    # A connection in use without a turn: asyncpg's queue may wait for it.
+                    conn = await pool.acquire(timeout=timeout)
+                else:
+                    self._release_interrupted = False  # every connection is back
+                    conn = await pool.acquire()
             except BaseException:
                 turns.release()
                 raise
         except UNAVAILABLE_ERRORS as exc:
             raise as_unavailable(exc) from exc
+        self._held += 1
+        return conn
 
     async def give_back(self, conn: PoolConnectionProxy[asyncpg.Record], failed: bool) -> None:
         """The connection back to the pool, and its turn to the next in line."""
@@ -127,7 +134,11 @@ class PostgresTransport:
         except UNAVAILABLE_ERRORS as exc:
             if not failed:
                 raise as_unavailable(exc) from exc
+        except asyncio.CancelledError:
+            self._release_interrupted = True  # the release goes on without us
+            raise
         finally:
+            self._held -= 1
             self._turns.release()
 
     async def close(self) -> None:
