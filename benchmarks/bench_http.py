@@ -23,11 +23,11 @@ ENDPOINTS = [
     ("POST /runs + cancel", "create_cancel", "create_cancel.lua"),
 ]
 CONCURRENCY = [1, 16, 64]
-AIM_ENDPOINTS = ("get_run", "list_runs")
+AIM_ENDPOINTS = ("get_run", "list_runs", "estimate")  # issue 11's aims
 # Read endpoints also measured in the Supabase REST mode (through the loopback PostgREST bridge).
 REST_ENDPOINTS = ("get_run", "list_runs")
 AIM_THROUGHPUT = 0.80  # ours/bare at c=16
-AIM_P99 = 1.5  # ours/bare p99 at c=64
+AIM_P99 = 1.0  # ours/bare p99 at c=64 (issue 11)
 
 
 def cpu_ticks(pid: int) -> int:
@@ -315,7 +315,13 @@ def tables(result: dict[str, Any]) -> str:
     ]
     out.append(
         table(
-            ["endpoint", "ours/bare req/s at c=16 (aim ≥ 80%)", "", "ours/bare p99 at c=64 (aim ≤ 1.5x)", ""],
+            [
+                "endpoint",
+                "ours/bare req/s at c=16 (aim ≥ 80%)",
+                "",
+                f"ours/bare p99 at c=64 (aim ≤ {AIM_P99:g}x)",
+                "",
+            ],
             aim_rows,
             "Part 1: the aims",
         )

@@ -45,7 +45,15 @@ TRANSITION_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Transition not allowed from the run's status"},
 }
 
+# Routes are matched in the order they are declared (FastAPI tries each in turn), so the ones the
+# console and integrations call most come first.
 router = APIRouter(prefix="/collection", tags=["collection"], responses=AUTH_RESPONSES)
+
+
+@router.get("/runs/{run_id}", response_model=CollectionRunResponse, responses=RUN_NOT_FOUND)
+async def get_run(run_id: str, admin: Admin, service: Service) -> CollectionRunResponse:
+    """One run of the organisation."""
+    return await service.get_run(admin.org_id, run_id)
 
 
 @router.get(
@@ -68,10 +76,10 @@ async def list_runs(
     return await service.list_runs(admin.org_id, limit, offset, status, cursor)
 
 
-@router.get("/runs/{run_id}", response_model=CollectionRunResponse, responses=RUN_NOT_FOUND)
-async def get_run(run_id: str, admin: Admin, service: Service) -> CollectionRunResponse:
-    """One run of the organisation."""
-    return await service.get_run(admin.org_id, run_id)
+@router.post("/estimate", response_model=CostEstimate)
+async def estimate(request: EstimateRequest, admin: Admin, service: Service) -> CostEstimate:
+    """What a run over these categories would cost, against the organisation's budget."""
+    return await service.estimate_cost(admin.org_id, request.category_ids)
 
 
 @router.post(
@@ -88,34 +96,6 @@ async def create_run(request: CollectionRunCreate, admin: Admin, service: Servic
     return await service.create_run(admin.org_id, admin.user_id, request)
 
 
-@router.post("/runs/{run_id}/start", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
-async def start_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
-    """pending → running."""
-    run = await service.start_run(admin.org_id, run_id, admin.user_id)
-    return RunTransitionResponse(status=run.status)
-
-
-@router.post("/runs/{run_id}/pause", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
-async def pause_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
-    """running → paused."""
-    run = await service.pause_run(admin.org_id, run_id, admin.user_id)
-    return RunTransitionResponse(status=run.status)
-
-
-@router.post("/runs/{run_id}/resume", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
-async def resume_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
-    """paused → running."""
-    run = await service.resume_run(admin.org_id, run_id, admin.user_id)
-    return RunTransitionResponse(status=run.status)
-
-
-@router.post("/runs/{run_id}/cancel", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
-async def cancel_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
-    """pending, running or paused → cancelled."""
-    run = await service.cancel_run(admin.org_id, run_id, admin.user_id)
-    return RunTransitionResponse(status=run.status)
-
-
 @router.get("/runs/{run_id}/items", response_model=RunItemListResponse, responses=RUN_NOT_FOUND)
 async def list_run_items(
     run_id: str,
@@ -129,26 +109,6 @@ async def list_run_items(
     return await service.list_items(admin.org_id, run_id, status, limit, offset)
 
 
-@router.get("/settings", response_model=CollectionSettingsResponse)
-async def get_settings(admin: Admin, service: Service) -> CollectionSettingsResponse:
-    """The organisation's collection settings (created with defaults on first read)."""
-    return await service.get_settings(admin.org_id)
-
-
-@router.patch("/settings", response_model=CollectionSettingsResponse)
-async def update_settings(
-    update: CollectionSettingsUpdate, admin: Admin, service: Service
-) -> CollectionSettingsResponse:
-    """Change some of the organisation's settings; fields left out stay as they are."""
-    return await service.update_settings(admin.org_id, update)
-
-
-@router.post("/estimate", response_model=CostEstimate)
-async def estimate(request: EstimateRequest, admin: Admin, service: Service) -> CostEstimate:
-    """What a run over these categories would cost, against the organisation's budget."""
-    return await service.estimate_cost(admin.org_id, request.category_ids)
-
-
 @router.get("/sellers", response_model=SellerListResponse)
 async def list_sellers(
     admin: Admin,
@@ -158,6 +118,12 @@ async def list_sellers(
 ) -> SellerListResponse:
     """eBay sellers found by the organisation's runs, most listings first."""
     return await service.list_sellers(admin.org_id, limit, offset)
+
+
+@router.get("/settings", response_model=CollectionSettingsResponse)
+async def get_settings(admin: Admin, service: Service) -> CollectionSettingsResponse:
+    """The organisation's collection settings (created with defaults on first read)."""
+    return await service.get_settings(admin.org_id)
 
 
 async def existing_run_id(run_id: str, admin: Admin, service: Service) -> UUID:
@@ -205,3 +171,39 @@ async def run_events(
     ):
         kind = "progress" if isinstance(update, RunProgress) else "transition"
         yield ServerSentEvent(event=kind, data=update, id=str(position))
+
+
+@router.post("/runs/{run_id}/start", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def start_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
+    """pending → running."""
+    run = await service.start_run(admin.org_id, run_id, admin.user_id)
+    return RunTransitionResponse(status=run.status)
+
+
+@router.post("/runs/{run_id}/pause", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def pause_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
+    """running → paused."""
+    run = await service.pause_run(admin.org_id, run_id, admin.user_id)
+    return RunTransitionResponse(status=run.status)
+
+
+@router.post("/runs/{run_id}/resume", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def resume_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
+    """paused → running."""
+    run = await service.resume_run(admin.org_id, run_id, admin.user_id)
+    return RunTransitionResponse(status=run.status)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunTransitionResponse, responses=TRANSITION_RESPONSES)
+async def cancel_run(run_id: str, admin: Admin, service: Service) -> RunTransitionResponse:
+    """pending, running or paused → cancelled."""
+    run = await service.cancel_run(admin.org_id, run_id, admin.user_id)
+    return RunTransitionResponse(status=run.status)
+
+
+@router.patch("/settings", response_model=CollectionSettingsResponse)
+async def update_settings(
+    update: CollectionSettingsUpdate, admin: Admin, service: Service
+) -> CollectionSettingsResponse:
+    """Change some of the organisation's settings; fields left out stay as they are."""
+    return await service.update_settings(admin.org_id, update)
