@@ -1,10 +1,13 @@
 """Part 4: the executor and start-up.
 
-- Items per second for one run through the sandbox provider: with SANDBOX_LATENCY_MS=0 (what the
-  executor and its per-item checkpoint cost; provider rate limit off) and with 100 ms a call (bound by
-  the items in flight: ITEMS_IN_FLIGHT_PER_RUN, default 4, and PROVIDER_RATE_PER_S, default 50).
+- Items per second for one run through the sandbox provider, against the provider's bound: with
+  SANDBOX_LATENCY_MS=0 (what the executor and its per-item checkpoint cost; no account limit), with
+  100 ms a call under the default account limit (PROVIDER_RATE_PER_S 50: 25 items a second, an item
+  being two calls), and with 100 ms a call, no account limit (PROVIDER_RATE_PER_S and
+  PROVIDER_RENDERED_RATE_PER_S 0) and MAX_CALLS_IN_FLIGHT 16 and 64: the bound is then the calls in
+  flight over the latency, an item being two calls one after the other (in flight / (2 x 0.1 s)).
   The rate is taken between the first and the last item recorded (items.updated_at), so the
-  executor's claim tick does not count; the run's own start-to-end time is given beside it.
+  executor's first heartbeat does not count; the run's own start-to-end time is given beside it.
 - Start-up: process start -> /healthz 200 and -> the recovery log line, with 0 and with 10,000
   interrupted runs (running and paused) in the table.
 """
@@ -21,7 +24,23 @@ import httpx
 from common import api_server, load_average, log, table
 from fixtures import Identity, identity, interrupted_runs
 
+from app.config import Settings
+
 INTERRUPTED = 10_000
+
+
+def provider_bound(env: dict[str, str]) -> float | None:
+    """The items a second the provider allows: an item is two calls one after the other, so at most
+    MAX_CALLS_IN_FLIGHT / (2 x latency) items a second, and PROVIDER_RATE_PER_S / 2 (defaults as
+    Settings has them); None when neither bounds anything (no latency, no account limit)."""
+    defaults = Settings.model_fields
+    latency_s = int(env.get("SANDBOX_LATENCY_MS", defaults["sandbox_latency_ms"].default)) / 1000
+    in_flight = int(env.get("MAX_CALLS_IN_FLIGHT", defaults["max_calls_in_flight"].default))
+    rate = float(env.get("PROVIDER_RATE_PER_S", defaults["provider_rate_per_s"].default))
+    bounds = [in_flight / (2 * latency_s)] if latency_s else []
+    if rate:
+        bounds.append(rate / 2)
+    return min(bounds) if bounds else None
 
 
 async def one_run(ctx: Any, label: str, categories: int, **env: str) -> dict[str, Any]:
@@ -55,29 +74,36 @@ async def one_run(ctx: Any, label: str, categories: int, **env: str) -> dict[str
             uuid.UUID(run["id"]),
         )
         calls = await conn.fetch(
-            "select query, calls from pg_stat_statements where query ~ 'collection_(reserve|record_item|"
-            "record_discovery|pending_items|release_reservation|heartbeat|claim_runs|finish_run|"
-            "run_categories_of)'"
+            "select query, calls, mean_exec_time from pg_stat_statements where query ~ "
+            "'collection_(next_work|take_slot|heartbeat|record_item|record_discovery|configure_rates|"
+            "throttle|give_back_work|release_work)\\('"
         )
         await conn.close()
-        per_item = {}
+        per_item, mean_ms = {}, {}
         for row in calls:
             name = row["query"].split("public.", 1)[1].split("(", 1)[0]
             per_item[name] = round(row["calls"] / max(1, items["n"]), 3)
+            mean_ms[name] = round(row["mean_exec_time"], 2)
         span = float(items["span_s"] or 0)
+        items_per_s = (items["n"] - 1) / span if span > 0 else None
+        bound = provider_bound(env)
         result = {
             "label": label,
             "env": env,
             "status": run["status"],
             "items": items["n"],
             "failed_items": items["failed"],
-            "items_per_s": round((items["n"] - 1) / span, 1) if span > 0 else None,
+            "items_per_s": round(items_per_s, 1) if items_per_s else None,
+            "bound_items_per_s": round(bound, 1) if bound else None,
+            "efficiency": round(items_per_s / bound, 3) if bound and items_per_s else None,
             "run_wall_s": round(wall, 2),
             "items_per_s_wall": round(items["n"] / wall, 1),
             "sql_calls_per_item": per_item,
+            "sql_mean_ms": mean_ms,
         }
+        against = f" of a bound of {bound:.0f} ({result['efficiency']:.0%})" if result["efficiency"] else ""
         log(
-            f"  {label:18s} {items['n']} items {result['items_per_s']} items/s "
+            f"  {label:18s} {items['n']} items {result['items_per_s']} items/s{against} "
             f"(start to end {wall:.1f} s: {result['items_per_s_wall']}/s) status {run['status']}"
         )
         return result
@@ -159,16 +185,16 @@ async def startup(ctx: Any, label: str, times: int = 3) -> dict[str, Any]:
 
 async def run(ctx: Any) -> dict[str, Any]:
     log("part 4: executor items/s and start-up time")
+    unlimited = {"PROVIDER_RATE_PER_S": "0", "PROVIDER_RENDERED_RATE_PER_S": "0"}
     runs = [
-        await one_run(ctx, "latency-0ms", 20, SANDBOX_LATENCY_MS="0", PROVIDER_RATE_PER_S="0"),
+        await one_run(ctx, "latency-0ms", 20, SANDBOX_LATENCY_MS="0", **unlimited),
         await one_run(ctx, "latency-100ms", 4, SANDBOX_LATENCY_MS="100"),
+        # About 5 s of work at each bound (80 and 320 items a second; a category has about 50 items).
         await one_run(
-            ctx,
-            "latency-100ms-x16",
-            8,
-            SANDBOX_LATENCY_MS="100",
-            ITEMS_IN_FLIGHT_PER_RUN="16",
-            PROVIDER_RATE_PER_S="0",
+            ctx, "latency-100ms-x16", 8, SANDBOX_LATENCY_MS="100", MAX_CALLS_IN_FLIGHT="16", **unlimited
+        ),
+        await one_run(
+            ctx, "latency-100ms-x64", 32, SANDBOX_LATENCY_MS="100", MAX_CALLS_IN_FLIGHT="64", **unlimited
         ),
     ]
     starts = [await startup(ctx, "no interrupted runs")]
@@ -187,8 +213,13 @@ def tables(result: dict[str, Any]) -> str:
             ", ".join(f"{k}={v}" for k, v in r["env"].items()),
             r["items"],
             r["items_per_s"],
+            r.get("bound_items_per_s"),
+            f"{r['efficiency']:.0%}" if r.get("efficiency") else "-",
             r["run_wall_s"],
-            ", ".join(f"{k} {v:g}" for k, v in r["sql_calls_per_item"].items()),
+            ", ".join(
+                f"{k} {v:g}" + (f" ({r['sql_mean_ms'][k]:g} ms)" if k in r.get("sql_mean_ms", {}) else "")
+                for k, v in r["sql_calls_per_item"].items()
+            ),
         ]
         for r in result["runs"]
     ]
@@ -206,9 +237,19 @@ def tables(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             table(
-                ["run", "settings", "items", "items/s", "start→end s", "SQL calls per item"],
+                [
+                    "run",
+                    "settings",
+                    "items",
+                    "items/s",
+                    "bound items/s",
+                    "of the bound",
+                    "start→end s",
+                    "SQL calls per item (mean ms in Postgres)",
+                ],
                 run_rows,
-                "Part 4: executor, one run (ITEMS_IN_FLIGHT_PER_RUN 4 unless set)",
+                "Part 4: executor, one run through the sandbox (MAX_CALLS_IN_FLIGHT 64 and "
+                "PROVIDER_RATE_PER_S 50 unless set; bound: in flight / (2 x latency) and rate / 2)",
             ),
             table(
                 [

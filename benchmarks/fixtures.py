@@ -47,6 +47,7 @@ async def identity(conn: asyncpg.Connection, slug: str, email: str = BENCH_EMAIL
         "budget_cap_cents": MAX_BUDGET_CENTS,
         "soft_warning_percent": 80,
         "max_concurrent_runs": 1000,
+        "rate_weight": None,
     }
     await conn.execute(ops.UPDATE_SETTINGS.sql, *ops.UPDATE_SETTINGS.bind(None, limits).values())
     return Identity(user_id, org_id)
@@ -114,19 +115,19 @@ async def interrupted_runs(conn: asyncpg.Connection, org: Identity, count: int) 
             with made as (
               insert into public.collection_runs
                 (org_id, name, status, estimated_cost_cents, budget_cap_cents, total_items,
-                 category_ids, started_at, paused_at, created_by, created_at, provider,
-                 lease_owner, lease_token, lease_expires_at)
+                 category_ids, started_at, paused_at, created_by, created_at, provider)
               select $1, 'Interrupted ' || g,
                      case when g % 2 = 0 then 'running' else 'paused' end,
                      500, 2500, 50, array['cat-' || g], now() - interval '1 hour',
                      case when g % 2 = 0 then null else now() - interval '30 minutes' end,
-                     $2, now() - make_interval(secs => g), 'sandbox',
-                     'dead-worker:1', gen_random_uuid(), now() - interval '1 minute'
+                     $2, now() - make_interval(secs => g), 'sandbox'
                 from generate_series(1, $3::integer) g
               returning id, category_ids
             )
-            insert into public.collection_run_categories (run_id, position, category_id)
-            select id, 1, category_ids[1] from made
+            insert into public.collection_run_categories
+              (run_id, position, category_id, lease_owner, lease_token, lease_expires_at)
+            select id, 1, category_ids[1], 'dead-worker:1', gen_random_uuid(), now() - interval '1 minute'
+              from made
             """,
             org.org_id,
             org.user_id,

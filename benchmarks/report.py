@@ -7,12 +7,13 @@ from typing import Any
 
 import bench_costs
 import bench_executor
+import bench_fleet
 import bench_http
 import bench_list
 from common import RESULTS, read_json, table
 
 
-def summary(http: Any, listing: Any, costs: Any, executor: Any, about: Any) -> str:
+def summary(http: Any, listing: Any, costs: Any, fleet: Any, executor: Any, about: Any) -> str:
     rows: list[list[Any]] = []
     if http:
         for aim in http["aims"]:
@@ -58,9 +59,27 @@ def summary(http: Any, listing: Any, costs: Any, executor: Any, about: Any) -> s
         rows.append(["DB round trips per request", trips, "pg_stat_statements"])
         for r in costs["auth"]:
             rows.append([r["what"], f"{r['us']:.1f} µs", ""])
+    if fleet:
+        for r in fleet["rows"]:
+            rows.append(
+                [
+                    f"fleet, {r['processes']} process(es) on one account",
+                    f"{r['accepted_per_s']:.1f} of {r['limit_per_s']} calls/s ({r['rate_over_limit']:.0%}), "
+                    f"429 {r['refused_share']:.1%}",
+                    "org a / b / c while all had work "
+                    + " / ".join(f"{share:.0%}" for share in r["org_shares_all_busy"].values()),
+                ]
+            )
     if executor:
         for r in executor["runs"]:
-            rows.append([f"executor {r['label']}", f"{r['items_per_s']} items/s", f"{r['items']} items"])
+            bound = (
+                f"bound {r['bound_items_per_s']:g}: {r['efficiency']:.0%}"
+                if r.get("efficiency")
+                else "no bound"
+            )
+            rows.append(
+                [f"executor {r['label']}", f"{r['items_per_s']} items/s", f"{r['items']} items; {bound}"]
+            )
         for s in executor["startup"]:
             rows.append(
                 [
@@ -147,8 +166,8 @@ def chart(http: Any, listing: Any, costs: Any) -> None:
 
 
 def main() -> None:
-    http, listing, costs, executor, about = (
-        read_json(n) for n in ("http", "list", "costs", "executor", "machine")
+    http, listing, costs, fleet, executor, about = (
+        read_json(n) for n in ("http", "list", "costs", "fleet", "executor", "machine")
     )
     # Results written by an earlier version of a part (another layout) wait for that part's next run.
     if listing and "rows" not in listing:
@@ -163,9 +182,11 @@ def main() -> None:
         print(bench_http.tables(http))
     if costs:
         print(bench_costs.tables(costs))
+    if fleet:
+        print(bench_fleet.tables(fleet))
     if executor:
         print(bench_executor.tables(executor))
-    print(summary(http, listing, costs, executor, about))
+    print(summary(http, listing, costs, fleet, executor, about))
     chart(http, listing, costs)
     print(f"\nchart: {RESULTS / 'bench.png'}; numbers: {RESULTS}/*.json")
 

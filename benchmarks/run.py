@@ -1,11 +1,12 @@
 """`make bench`: every part in order on a private embedded Postgres, then the summary and the chart.
 
-    python benchmarks/run.py [list] [http] [costs] [executor]     (default: all four)
+    python benchmarks/run.py [list] [http] [costs] [fleet] [executor]     (default: all five)
 
 Environment: BENCH_DURATION (s per load point, default 5), BENCH_WARMUP (1), BENCH_TABLE_ROWS
 (1,000,000), BENCH_ORG_ROWS (100,000), BENCH_DEEP_OFFSET (90,000), BENCH_KEEP_DATA=1 keeps
 benchmarks/results/tmp/data, BENCH_BASELINE=<git ref> also measures the API as it was at that commit
-(a before/after in one run, on the same database and schema).
+(a before/after in one run, on the same database and schema). The fleet part: BENCH_FLEET_PROCESSES
+(1,2,4), BENCH_FLEET_LIMIT (50 jobs/s), BENCH_FLEET_RENDERED (13), BENCH_FLEET_PRODUCTS (60 a run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import asyncpg
 import bench_costs
 import bench_executor
+import bench_fleet
 import bench_http
 import bench_list
 import report
@@ -44,7 +46,7 @@ from common import (
 )
 from fixtures import BIG_ORG_SLUG, Identity, identity, load_million, seed_runs
 
-PARTS = ("list", "http", "costs", "executor")
+PARTS = ("list", "http", "costs", "fleet", "executor")
 TABLE_ROWS = int(os.environ.get("BENCH_TABLE_ROWS", "1000000"))
 ORG_ROWS = int(os.environ.get("BENCH_ORG_ROWS", "100000"))
 BENCH_ORG_RUNS = 200
@@ -236,6 +238,11 @@ def main(argv: list[str]) -> int:
         if "costs" in parts:
             write_json("costs", asyncio.run(bench_costs.run(ctx)))
         ctx.api.stop()
+
+        # Before part 4, which leaves 5,000 interrupted runs running; and with no other executor on the
+        # database than the fleet's own processes.
+        if "fleet" in parts:
+            write_json("fleet", asyncio.run(bench_fleet.run(ctx)))
 
         if "executor" in parts:
             write_json("executor", asyncio.run(bench_executor.run(ctx)))

@@ -68,6 +68,9 @@ create table public.collection_settings (
     check (soft_warning_percent between 0 and 100),
   max_concurrent_runs integer not null default 3
     check (max_concurrent_runs between 1 and 1000),
+  -- This organisation's share of the provider account's rate, against the other organisations with
+  -- work at the same time (collection_next_work): 2 gets twice the calls of 1.
+  rate_weight integer not null default 1 check (rate_weight between 1 and 100),
   updated_at timestamptz not null default now()
 );
 
@@ -102,9 +105,8 @@ create table public.collection_runs (
   checkpoint jsonb,
   status_message text,
   status_reason text,
-  lease_owner text,
-  lease_token uuid,
-  lease_expires_at timestamptz,
+  -- Units of work (a discovery or an item) handed out so far: runs of one organisation take turns by it.
+  served_units bigint not null default 0 check (served_units >= 0),
   started_at timestamptz,
   completed_at timestamptz,
   paused_at timestamptz,
@@ -126,11 +128,9 @@ create index collection_runs_org_active_idx on public.collection_runs (org_id)
 -- Start-up recovery: interrupted runs across all orgs.
 create index collection_runs_interrupted_idx on public.collection_runs (created_at)
   where status in ('running', 'paused');
--- Claiming: running runs whose lease is free, expired or left by an earlier process of the same worker.
-create index collection_runs_claimable_idx on public.collection_runs (started_at, id)
+-- Handing out work: the running runs of each organisation, least served first.
+create index collection_runs_running_idx on public.collection_runs (org_id, served_units, started_at, id)
   where status = 'running';
-create index collection_runs_lease_token_idx on public.collection_runs (lease_token)
-  where lease_token is not null;
 
 -- The one table of allowed transitions. `action` is what a caller asks for; the API exposes
 -- start/pause/resume/cancel, the executor uses the rest.
@@ -225,6 +225,10 @@ create trigger collection_run_events_append_only
 -- What the executor walks: a run's categories, their products (items), the sellers found, and what
 -- past runs observed per category (the estimate learns from it).
 -- ---------------------------------------------------------------------------------------------------
+-- A category's discovery and each item are units of work: one process holds a unit under a lease
+-- (lease_token, renewed by its heartbeats) with what it reserved of the budget for it (reserved_cents,
+-- also counted in the run's reserved_cents). A lease that expires (its process died) gives the unit
+-- to whoever asks next, and what was reserved becomes an uncertain charge.
 create table public.collection_run_categories (
   run_id uuid not null references public.collection_runs (id) on delete cascade,
   position integer not null check (position >= 1),
@@ -233,14 +237,24 @@ create table public.collection_run_categories (
   discovery_cost_cents bigint not null default 0 check (discovery_cost_cents >= 0),
   error text,
   discovered_at timestamptz,
+  lease_owner text,
+  lease_token uuid,
+  lease_expires_at timestamptz,
+  reserved_cents bigint not null default 0 check (reserved_cents >= 0),
   primary key (run_id, position),
-  unique (run_id, category_id)
+  unique (run_id, category_id),
+  check ((lease_token is null) = (lease_expires_at is null))
 );
+create index collection_run_categories_undiscovered_idx on public.collection_run_categories (run_id, position)
+  where discovered_at is null;
+create index collection_run_categories_leased_idx on public.collection_run_categories (lease_token)
+  where lease_token is not null;
 
 create table public.collection_run_items (
   run_id uuid not null references public.collection_runs (id) on delete cascade,
   org_id uuid not null references public.organizations (id) on delete cascade,
   category_id text not null,
+  category_position integer not null check (category_position >= 1),
   asin text not null check (char_length(asin) between 1 and 32),
   position integer not null,
   status text not null default 'pending' check (status in ('pending', 'done', 'failed')),
@@ -249,14 +263,22 @@ create table public.collection_run_items (
   result jsonb,
   last_error text,
   worked_by text,
+  lease_owner text,
+  lease_token uuid,
+  lease_expires_at timestamptz,
+  reserved_cents bigint not null default 0 check (reserved_cents >= 0),
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  primary key (run_id, category_id, asin)
+  primary key (run_id, category_id, asin),
+  check ((lease_token is null) = (lease_expires_at is null)),
+  check (lease_token is null or status = 'pending')
 );
-create index collection_run_items_pending_idx on public.collection_run_items (run_id, category_id, position)
-  where status = 'pending';
+create index collection_run_items_pending_idx
+  on public.collection_run_items (run_id, category_position, position) where status = 'pending';
+create index collection_run_items_leased_idx on public.collection_run_items (lease_token)
+  where lease_token is not null;
 create index collection_run_items_listing_idx
-  on public.collection_run_items (run_id, status, category_id, position);
+  on public.collection_run_items (run_id, status, category_position, position);
 
 create table public.collection_sellers (
   org_id uuid not null references public.organizations (id) on delete cascade,
@@ -281,6 +303,50 @@ create table public.collection_category_stats (
   item_cost_cents bigint not null default 0 check (item_cost_cents >= 0),
   updated_at timestamptz not null default now(),
   primary key (org_id, category_id)
+);
+
+-- ---------------------------------------------------------------------------------------------------
+-- Sharing one provider account among every process: rate limits and fair turns. No coordinator: each
+-- grant is one statement on these rows (collection_next_work, collection_take_slot).
+-- ---------------------------------------------------------------------------------------------------
+
+-- A limit on calls to the provider: 'provider' (every call of the account), 'provider:rendered' (calls
+-- that render a page), 'source:<name>' (one source, when it is slowed for failing). GCRA: next_at is
+-- the earliest time the next call may be made; each grant moves it on by one interval of the rate in
+-- force (collection_rate_per_s), so calls from every process together are spaced as one stream.
+create table public.collection_rate_limits (
+  name text primary key check (char_length(name) between 1 and 64),
+  per_s double precision not null default 0 check (per_s >= 0),  -- the configured limit; 0: none
+  ceiling_per_s double precision check (ceiling_per_s > 0),      -- what the provider's headers said
+  throttled_per_s double precision check (throttled_per_s > 0),   -- after a 429, recovering
+  throttled_at timestamptz,
+  slowed_per_s double precision check (slowed_per_s > 0),         -- a failing source, until slowed_until
+  slowed_until timestamptz,
+  next_at timestamptz not null default '-infinity',
+  throttles bigint not null default 0 check (throttles >= 0),
+  updated_at timestamptz not null default now()
+);
+
+-- Fair turns between organisations (start-time fair queuing): each unit handed out moves its
+-- organisation's virtual time on by 1 / its rate_weight, and the next unit goes to the organisation
+-- with work whose virtual time is lowest. An organisation that had no work restarts at the clock (the
+-- start tag of the last unit handed out), so it gets its share from then on, not a catch-up burst.
+create table public.collection_scheduler (
+  id boolean primary key default true check (id),
+  vclock double precision not null default 0
+);
+insert into public.collection_scheduler (id) values (true);
+
+create table public.collection_org_turns (
+  org_id uuid primary key references public.organizations (id) on delete cascade,
+  vtime double precision not null default 0
+);
+
+-- The executor processes alive (each renews its row with its heartbeat): how many share the account.
+create table public.collection_executors (
+  token uuid primary key,
+  owner text not null,
+  lease_expires_at timestamptz not null
 );
 
 -- ---------------------------------------------------------------------------------------------------
@@ -310,7 +376,8 @@ create function public.collection_update_settings(
   p_org_id uuid,
   p_budget_cap_cents bigint default null,
   p_soft_warning_percent integer default null,
-  p_max_concurrent_runs integer default null
+  p_max_concurrent_runs integer default null,
+  p_rate_weight integer default null
 )
 returns public.collection_settings
 language plpgsql
@@ -324,6 +391,7 @@ begin
      set budget_cap_cents = coalesce(p_budget_cap_cents, budget_cap_cents),
          soft_warning_percent = coalesce(p_soft_warning_percent, soft_warning_percent),
          max_concurrent_runs = coalesce(p_max_concurrent_runs, max_concurrent_runs),
+         rate_weight = coalesce(p_rate_weight, rate_weight),
          updated_at = now()
    where org_id = p_org_id
   returning * into s;
@@ -630,14 +698,13 @@ as $$
     'total', (select count(*) from public.collection_run_items
                where run_id = p_run_id and org_id = p_org_id and (p_status is null or status = p_status)),
     'items', coalesce((
-      select jsonb_agg(to_jsonb(page) - 'org_id' order by page.category_position, page.position)
-        from (select i.*, c.position as category_position
+      select jsonb_agg(to_jsonb(page) order by page.category_position, page.position)
+        from (select i.run_id, i.category_id, i.category_position, i.asin, i.position, i.status,
+                     i.attempts, i.cost_cents, i.result, i.last_error, i.worked_by, i.updated_at
                 from public.collection_run_items i
-                join public.collection_run_categories c
-                  on c.run_id = i.run_id and c.category_id = i.category_id
                where i.run_id = p_run_id and i.org_id = p_org_id
                  and (p_status is null or i.status = p_status)
-               order by c.position, i.position
+               order by i.category_position, i.position
                limit p_limit offset p_offset) page
     ), '[]'::jsonb)
   )
@@ -675,164 +742,580 @@ as $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------------
--- The executor: leases. Every write the executor makes goes through a function fenced by the run's
--- lease token, so a process that lost its lease cannot write.
+-- The executor. Every process asks for units of work (collection_next_work) as it has room for calls;
+-- each unit comes with its budget reserved and a slot of the account's rate. Every write about a unit
+-- is fenced by the lease token it was handed out under, so a process that lost a lease cannot write.
 -- ---------------------------------------------------------------------------------------------------
 
--- Claim up to p_limit running runs whose lease is free, expired, or held by an earlier process of
--- this same worker (same owner, other token: it restarted, so take them back at once). Whatever the
--- previous holder had reserved may have been charged: it becomes an uncertain charge.
-create function public.collection_claim_runs(p_owner text, p_token uuid, p_lease_s integer, p_limit integer)
-returns setof public.collection_runs
+-- The rate a limit allows now, in calls a second (null: no limit). Planned 10 % below the limit: the
+-- provider counts calls in its own windows, on its own clock, as they arrive, and a call that leaves a
+-- little late (a busy event loop, a slow round trip) meets the next one on time in the same window.
+create function public.collection_rate_per_s(r public.collection_rate_limits, p_now timestamptz)
+returns double precision
+language plpgsql immutable
+set search_path = ''
+as $$
+declare
+  headroom constant double precision := 0.90;
+  recovery_s constant double precision := 30;
+  limit_per_s double precision := least(nullif(r.per_s, 0), r.ceiling_per_s);
+  rate double precision := limit_per_s * headroom;
+  since double precision;
+begin
+  if r.throttled_at is not null then
+    -- After a 429: back to the limit in a straight line over recovery_s (with no known limit, a 429
+    -- says there is one: up from the rate that was refused, 10 % of it a second).
+    since := extract(epoch from p_now - r.throttled_at);
+    if rate is not null then
+      rate := least(rate, r.throttled_per_s + (rate - r.throttled_per_s) * least(1, since / recovery_s));
+    elsif since < 60 then
+      rate := r.throttled_per_s * (1 + since / 10);
+    end if;
+  end if;
+  if r.slowed_until > p_now then
+    rate := least(coalesce(rate, r.slowed_per_s), r.slowed_per_s);
+  end if;
+  return rate;
+end
+$$;
+
+-- The limits as this process's settings give them (the last process to start decides; the others'
+-- logs say when they disagree). Throttling and slowing already in force are kept.
+create function public.collection_configure_rates(p_rates jsonb)
+returns setof public.collection_rate_limits
 language sql
 set search_path = ''
 as $$
-  with candidates as (
-    select id from public.collection_runs
-     where status = 'running'
-       and (lease_token is null
-            or lease_expires_at < now()
-            or (lease_owner = p_owner and lease_token <> p_token))
-     order by started_at, id
-     limit greatest(p_limit, 0)
-     for update skip locked
-  )
-  update public.collection_runs r
-     set lease_owner = p_owner,
-         lease_token = p_token,
-         lease_expires_at = now() + make_interval(secs => p_lease_s),
-         actual_cost_cents = r.actual_cost_cents + r.reserved_cents,
-         uncertain_cost_cents = r.uncertain_cost_cents + r.reserved_cents,
-         reserved_cents = 0
-    from candidates c
-   where r.id = c.id
+  insert into public.collection_rate_limits as r (name, per_s)
+  select key, value::double precision from jsonb_each_text(p_rates)
+  on conflict (name) do update set per_s = excluded.per_s, updated_at = now()
   returning r.*
 $$;
 
--- Extend this process's leases; answer which runs it still holds and their status.
-create function public.collection_heartbeat(p_token uuid, p_lease_s integer)
-returns table (id uuid, status text)
-language sql
+-- A slot for the next call that must keep within all of p_buckets: granted with the time to wait for
+-- it, or (the slot would be more than p_horizon_s away) refused with the time to ask again. The
+-- buckets are locked in name order, so callers asking for several never wait on each other in a ring.
+create function public.collection_take_slot(
+  p_buckets text[], p_horizon_s double precision, out granted boolean, out wait_s double precision
+)
+language plpgsql
 set search_path = ''
 as $$
-  update public.collection_runs
-     set lease_expires_at = now() + make_interval(secs => p_lease_s)
-   where lease_token = p_token
-  returning id, status
+declare
+  now_ timestamptz := clock_timestamp();
+  start_at timestamptz;
+begin
+  perform 1 from public.collection_rate_limits where name = any (p_buckets) order by name for update;
+  select max(greatest(r.next_at, now_)) into start_at
+    from public.collection_rate_limits r where r.name = any (p_buckets);
+  if start_at is null then  -- none of these has a limit
+    granted := true;
+    wait_s := 0;
+    return;
+  end if;
+  if start_at > now_ + make_interval(secs => p_horizon_s) then
+    granted := false;
+    wait_s := extract(epoch from start_at - now_)::double precision - p_horizon_s;
+    return;
+  end if;
+  update public.collection_rate_limits r
+     set next_at = coalesce(start_at + make_interval(secs => 1 / public.collection_rate_per_s(r, now_)),
+                            r.next_at)
+   where r.name = any (p_buckets);
+  granted := true;
+  wait_s := greatest(extract(epoch from start_at - now_), 0)::double precision;
+end
 $$;
 
--- Give a run back. Anything still reserved was for calls whose outcome is unknown: uncertain charge.
-create function public.collection_release_run(p_run_id uuid, p_token uuid)
+-- The provider answered 429 (the account's rate was exceeded, whoever sent the call): every process
+-- slows down. Each limit drops to 70 % of the rate in force and recovers (collection_rate_per_s); the
+-- next call waits a second.
+create function public.collection_throttle(p_buckets text[], p_refused_per_s double precision)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  now_ timestamptz := clock_timestamp();
+begin
+  insert into public.collection_rate_limits (name) select unnest(p_buckets) on conflict (name) do nothing;
+  perform 1 from public.collection_rate_limits where name = any (p_buckets) order by name for update;
+  -- Refusals within a second of the last cut are the same excess seen again (calls already under way
+  -- when it happened): counted, not cut again.
+  update public.collection_rate_limits r
+     set throttled_per_s = case when r.throttled_at > now_ - interval '1 second' then r.throttled_per_s
+                                else greatest(0.7 * coalesce(public.collection_rate_per_s(r, now_), p_refused_per_s), 0.5)
+                           end,
+         throttled_at = case when r.throttled_at > now_ - interval '1 second' then r.throttled_at else now_ end,
+         next_at = greatest(r.next_at, now_ + interval '1 second'),
+         throttles = r.throttles + 1,
+         updated_at = now()
+   where r.name = any (p_buckets);
+end
+$$;
+
+-- The provider's own headers (x-ratelimit-<name>-limit): a limit lower than the configured one is the
+-- one planned for; a higher one changes nothing.
+create function public.collection_observe_rate_limit(p_bucket text, p_limit_per_s double precision)
 returns void
 language sql
 set search_path = ''
 as $$
-  update public.collection_runs
-     set lease_owner = null, lease_token = null, lease_expires_at = null,
-         actual_cost_cents = actual_cost_cents + reserved_cents,
-         uncertain_cost_cents = uncertain_cost_cents + reserved_cents,
-         reserved_cents = 0
-   where id = p_run_id and lease_token = p_token
+  update public.collection_rate_limits
+     set ceiling_per_s = p_limit_per_s, updated_at = now()
+   where name = p_bucket and p_limit_per_s > 0 and ceiling_per_s is distinct from p_limit_per_s
 $$;
 
--- The run row, locked, if the caller still holds its lease; CR005 otherwise.
-create function public.collection_fenced_run(p_run_id uuid, p_token uuid)
-returns public.collection_runs
+-- A source that keeps failing is slowed for everyone (as the provider slows a domain whose success rate
+-- falls), to p_per_s for p_for_s.
+create function public.collection_slow_source(p_source text, p_per_s double precision, p_for_s double precision)
+returns void
+language sql
+set search_path = ''
+as $$
+  insert into public.collection_rate_limits as r (name, slowed_per_s, slowed_until)
+  values ('source:' || p_source, p_per_s, now() + make_interval(secs => p_for_s))
+  on conflict (name) do update
+    set slowed_per_s = excluded.slowed_per_s, slowed_until = excluded.slowed_until, updated_at = now()
+$$;
+
+-- Pause a running run whose next unit would pass its cap.
+create function public.collection_pause_for_budget(p_run_id uuid)
+returns void
 language plpgsql
 set search_path = ''
 as $$
 declare
   r public.collection_runs;
 begin
-  select * into r from public.collection_runs where id = p_run_id and lease_token = p_token for update;
-  if not found then
-    raise exception 'lease lost' using errcode = 'CR005';
-  end if;
-  return r;
-end
-$$;
-
-create function public.collection_run_categories_of(p_run_id uuid)
-returns setof public.collection_run_categories
-language sql stable
-set search_path = ''
-as $$
-  select * from public.collection_run_categories where run_id = p_run_id order by position
-$$;
-
-create function public.collection_pending_items(p_run_id uuid, p_category_id text)
-returns setof public.collection_run_items
-language sql stable
-set search_path = ''
-as $$
-  select * from public.collection_run_items
-   where run_id = p_run_id and category_id = p_category_id and status = 'pending'
-   order by position
-$$;
-
--- ---------------------------------------------------------------------------------------------------
--- The live budget
--- ---------------------------------------------------------------------------------------------------
-
--- Reserve the cost of the next call(s). 'ok', or why not: 'budget_exhausted' (the run is now paused
--- with that reason), another status ('paused', 'cancelled', ...), or 'lease_lost'.
-create function public.collection_reserve(p_run_id uuid, p_token uuid, p_cents bigint)
-returns text
-language plpgsql
-set search_path = ''
-as $$
-declare
-  r public.collection_runs;
-begin
-  update public.collection_runs
-     set reserved_cents = reserved_cents + p_cents
-   where id = p_run_id and lease_token = p_token and status = 'running'
-     and actual_cost_cents + reserved_cents + p_cents <= budget_cap_cents;
-  if found then
-    return 'ok';
-  end if;
-
   select * into r from public.collection_runs where id = p_run_id for update;
-  if not found or r.lease_token is distinct from p_token then
-    return 'lease_lost';
-  end if;
   if r.status <> 'running' then
-    return r.status;
+    return;
   end if;
   perform public.collection_transition_run(r.org_id, r.id, 'pause', null, 'budget_exhausted');
   update public.collection_runs
      set status_message = format('Paused: budget exhausted (%s of %s cents spent or in flight)',
                                  r.actual_cost_cents + r.reserved_cents, r.budget_cap_cents)
    where id = r.id;
-  return 'budget_exhausted';
 end
 $$;
 
--- Hand back a reservation whose calls were not charged (e.g. the run failed before they were made).
-create function public.collection_release_reservation(p_run_id uuid, p_token uuid, p_cents bigint)
+-- A running run that has nothing left to do (every category discovered, no item pending) is completed.
+create function public.collection_complete_if_done(p_run_id uuid)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  r public.collection_runs;
+begin
+  if exists (select 1 from public.collection_run_categories where run_id = p_run_id and discovered_at is null)
+     or exists (select 1 from public.collection_run_items where run_id = p_run_id and status = 'pending') then
+    return;
+  end if;
+  select * into r from public.collection_runs where id = p_run_id for update;
+  if r.status <> 'running' then
+    return;
+  end if;
+  if (select bool_and(error is not null) from public.collection_run_categories where run_id = p_run_id) then
+    -- Nothing could be collected: calling that "completed" would hide the failure.
+    perform public.collection_fail_unheld(r.id, format('no category could be discovered (%s)',
+      (select error from public.collection_run_categories where run_id = p_run_id order by position limit 1)));
+    return;
+  end if;
+  perform public.collection_transition_run(r.org_id, r.id, 'complete', null, null);
+  update public.collection_runs
+     set status_message = format('Completed: %s products, %s failed', processed_items, failed_items)
+   where id = r.id;
+end
+$$;
+
+-- Fail a run (running or paused) with a reason, whoever holds its units.
+create function public.collection_fail_unheld(p_run_id uuid, p_reason text)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  r public.collection_runs;
+begin
+  select * into r from public.collection_runs where id = p_run_id for update;
+  if r.status not in ('running', 'paused') then
+    return;
+  end if;
+  perform public.collection_transition_run(r.org_id, r.id, 'fail', null, p_reason);
+  update public.collection_runs set status_message = format('Failed: %s', p_reason) where id = r.id;
+end
+$$;
+
+-- Up to p_limit units of work for process (p_owner, p_token), one after another in one transaction (one
+-- hold of the scheduler for a process's idle workers together). Each is the fair choice among every running run of every
+-- organisation (see collection_scheduler), its cost reserved on the run's budget (a run whose next unit
+-- would pass its cap is paused instead, and the next run asked), leased for p_lease_s, with a slot of
+-- the account's rate for its first call (wait_s). Kinds: 'discovery' (a category's best sellers, a
+-- rendered call), 'item' (a product), or 'wait' (the account has no slot within p_horizon_s: ask again
+-- in wait_s; only ever alone). No row: no work anywhere. A unit whose lease expired (or that an earlier process with the
+-- same owner held) is handed out again; what it had reserved may have been charged: uncertain cost.
+create function public.collection_next_work(
+  p_owner text,
+  p_token uuid,
+  p_lease_s integer,
+  p_horizon_s double precision,
+  p_item_cents bigint,
+  p_discovery_cents bigint,
+  p_limit integer
+)
+returns table (
+  kind text,
+  run_id uuid,
+  org_id uuid,
+  category_id text,
+  category_position integer,
+  asin text,
+  item_position integer,
+  reserved_cents bigint,
+  wait_s double precision
+)
+language plpgsql
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+  now_ timestamptz := clock_timestamp();
+  horizon timestamptz := now_ + make_interval(secs => p_horizon_s);
+  lease_until timestamptz := now_ + make_interval(secs => p_lease_s);
+  account_at timestamptz;
+  discovery_ok boolean;
+  items_ok boolean;
+  clock double precision;
+  o record;
+  r record;
+  cat public.collection_run_categories;
+  it public.collection_run_items;
+  unit text;
+  cost bigint;
+  left_over bigint;
+  slot record;
+  handed integer := 0;
+begin
+  <<units>>
+  while handed < p_limit loop
+  -- Capacity first: without a slot within the horizon, say when to ask again (when nothing is handed).
+  select greatest(l.next_at, now_) into account_at from public.collection_rate_limits l where l.name = 'provider';
+  if account_at > horizon then
+    if handed = 0 then
+      return query select 'wait'::text, null::uuid, null::uuid, null::text, null::integer, null::text,
+                          null::integer, 0::bigint, extract(epoch from account_at - horizon)::double precision;
+    end if;
+    return;
+  end if;
+  discovery_ok := coalesce((select bool_and(greatest(l.next_at, now_) <= horizon)
+                              from public.collection_rate_limits l
+                             where l.name in ('provider:rendered', 'source:amazon_bestsellers')), true);
+  items_ok := coalesce((select bool_and(greatest(l.next_at, now_) <= horizon)
+                          from public.collection_rate_limits l
+                         where l.name in ('source:amazon_product', 'source:ebay_search')), true);
+  if handed = 0 then
+    -- One hand-out at a time, in fair order: the scheduler's row is held until this commits.
+    select s.vclock into clock from public.collection_scheduler s for update;
+  end if;
+
+  for o in
+    select a.org_id, greatest(coalesce(t.vtime, 0), clock) as start_tag, coalesce(st.rate_weight, 1) as weight
+      from (select distinct x.org_id from public.collection_runs x where x.status = 'running') a
+      left join public.collection_org_turns t on t.org_id = a.org_id
+      left join public.collection_settings st on st.org_id = a.org_id
+     order by 2, 1
+  loop
+    for r in
+      select x.id from public.collection_runs x
+       where x.org_id = o.org_id and x.status = 'running'
+       order by x.served_units, x.started_at, x.id
+    loop
+      unit := null;
+      if discovery_ok then
+        select * into cat from public.collection_run_categories c
+         where c.run_id = r.id and c.discovered_at is null
+           and (c.lease_token is null or c.lease_expires_at < now_
+                or (c.lease_owner = p_owner and c.lease_token <> p_token))
+         order by c.position
+         limit 1
+         for update skip locked;
+        if found then
+          unit := 'discovery';
+          cost := p_discovery_cents;
+          left_over := cat.reserved_cents;
+        end if;
+      end if;
+      if unit is null and items_ok then
+        select * into it from public.collection_run_items i
+         where i.run_id = r.id and i.status = 'pending'
+           and (i.lease_token is null or i.lease_expires_at < now_
+                or (i.lease_owner = p_owner and i.lease_token <> p_token))
+         order by i.category_position, i.position
+         limit 1
+         for update skip locked;
+        if found then
+          unit := 'item';
+          cost := p_item_cents;
+          left_over := it.reserved_cents;
+        end if;
+      end if;
+      if unit is null then
+        perform public.collection_complete_if_done(r.id);  -- e.g. resumed with nothing left
+        continue;
+      end if;
+
+      -- The budget: this unit's worst-case cost, before any call is made.
+      update public.collection_runs x
+         set reserved_cents = x.reserved_cents - left_over + cost,
+             actual_cost_cents = x.actual_cost_cents + left_over,
+             uncertain_cost_cents = x.uncertain_cost_cents + left_over,
+             served_units = x.served_units + 1
+       where x.id = r.id and x.status = 'running'
+         and x.actual_cost_cents + x.reserved_cents + cost <= x.budget_cap_cents;
+      if not found then
+        update public.collection_runs x
+           set reserved_cents = x.reserved_cents - left_over,
+               actual_cost_cents = x.actual_cost_cents + left_over,
+               uncertain_cost_cents = x.uncertain_cost_cents + left_over
+         where x.id = r.id;
+        if unit = 'discovery' then
+          update public.collection_run_categories c
+             set lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+           where c.run_id = cat.run_id and c.position = cat.position;
+        else
+          update public.collection_run_items i
+             set lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+           where i.run_id = it.run_id and i.category_id = it.category_id and i.asin = it.asin;
+        end if;
+        perform public.collection_pause_for_budget(r.id);
+        continue;
+      end if;
+
+      if unit = 'discovery' then
+        update public.collection_run_categories c
+           set lease_owner = p_owner, lease_token = p_token, lease_expires_at = lease_until,
+               reserved_cents = cost
+         where c.run_id = cat.run_id and c.position = cat.position;
+        select * into slot
+          from public.collection_take_slot(
+                 array['provider', 'provider:rendered', 'source:amazon_bestsellers'], 2 * p_horizon_s);
+      else
+        update public.collection_run_items i
+           set lease_owner = p_owner, lease_token = p_token, lease_expires_at = lease_until,
+               reserved_cents = cost
+         where i.run_id = it.run_id and i.category_id = it.category_id and i.asin = it.asin;
+        select * into slot
+          from public.collection_take_slot(array['provider', 'source:amazon_product'], 2 * p_horizon_s);
+      end if;
+
+      insert into public.collection_org_turns as t (org_id, vtime)
+      values (o.org_id, o.start_tag + 1.0 / o.weight)
+      on conflict (org_id) do update set vtime = excluded.vtime;
+      update public.collection_scheduler set vclock = o.start_tag;
+      clock := o.start_tag;
+
+      if unit = 'discovery' then
+        return query select unit, r.id, o.org_id, cat.category_id, cat.position, null::text, null::integer,
+                            cost, slot.wait_s;
+      else
+        return query select unit, r.id, o.org_id, it.category_id, it.category_position, it.asin, it.position,
+                            cost, slot.wait_s;
+      end if;
+      handed := handed + 1;
+      continue units;  -- the next unit, in the order the turns now give
+    end loop;
+  end loop;
+  return;  -- nothing (more) to hand out anywhere
+  end loop;
+end
+$$;
+
+-- This process is alive: its units' leases renewed, its place among the executors kept. Units whose
+-- holder died (lease expired) are freed, their reservations turned into uncertain charges. Answers how
+-- many executors share the account and the rates in force (null: no limit).
+create function public.collection_heartbeat(p_owner text, p_token uuid, p_lease_s integer)
+returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  now_ timestamptz := clock_timestamp();
+  lease_until timestamptz := now_ + make_interval(secs => p_lease_s);
+begin
+  update public.collection_run_items set lease_expires_at = lease_until where lease_token = p_token;
+  update public.collection_run_categories set lease_expires_at = lease_until where lease_token = p_token;
+  insert into public.collection_executors (token, owner, lease_expires_at)
+  values (p_token, p_owner, lease_until)
+  on conflict (token) do update set lease_expires_at = excluded.lease_expires_at;
+  delete from public.collection_executors where lease_expires_at < now_ - interval '1 minute';
+  perform public.collection_free_units(null, now_);
+  return jsonb_build_object(
+    'executors', (select count(*) from public.collection_executors where lease_expires_at >= now_),
+    'rates', coalesce((select jsonb_object_agg(l.name, public.collection_rate_per_s(l, now_))
+                         from public.collection_rate_limits l), '{}'::jsonb)
+  );
+end
+$$;
+
+-- Free units: those of p_token (null: every unit whose lease expired before p_at). Their calls may have
+-- been made and charged: what they had reserved becomes actual, uncertain cost.
+create function public.collection_free_units(p_token uuid, p_at timestamptz)
 returns void
 language plpgsql
 set search_path = ''
 as $$
 begin
-  perform public.collection_fenced_run(p_run_id, p_token);
-  update public.collection_runs set reserved_cents = reserved_cents - p_cents where id = p_run_id;
+  with freed as (
+    select i.run_id, i.category_id, i.asin, i.reserved_cents
+      from public.collection_run_items i
+     where i.lease_token is not null
+       and (i.lease_token = p_token or (p_token is null and i.lease_expires_at < p_at))
+       for update skip locked
+  ), cleared as (
+    update public.collection_run_items i
+       set lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+      from freed f
+     where i.run_id = f.run_id and i.category_id = f.category_id and i.asin = f.asin
+    returning f.run_id, f.reserved_cents
+  ), per_run as (
+    select run_id, sum(reserved_cents) as cents from cleared group by run_id
+  )
+  update public.collection_runs x
+     set reserved_cents = x.reserved_cents - p.cents,
+         actual_cost_cents = x.actual_cost_cents + p.cents,
+         uncertain_cost_cents = x.uncertain_cost_cents + p.cents
+    from per_run p
+   where x.id = p.run_id and p.cents > 0;
+
+  with freed as (
+    select c.run_id, c.position, c.reserved_cents
+      from public.collection_run_categories c
+     where c.lease_token is not null
+       and (c.lease_token = p_token or (p_token is null and c.lease_expires_at < p_at))
+       for update skip locked
+  ), cleared as (
+    update public.collection_run_categories c
+       set lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+      from freed f
+     where c.run_id = f.run_id and c.position = f.position
+    returning f.run_id, f.reserved_cents
+  ), per_run as (
+    select run_id, sum(reserved_cents) as cents from cleared group by run_id
+  )
+  update public.collection_runs x
+     set reserved_cents = x.reserved_cents - p.cents,
+         actual_cost_cents = x.actual_cost_cents + p.cents,
+         uncertain_cost_cents = x.uncertain_cost_cents + p.cents
+    from per_run p
+   where x.id = p.run_id and p.cents > 0;
+end
+$$;
+
+-- A process stops: every unit it holds goes back at once (what they had reserved: uncertain cost), and
+-- it no longer counts among the executors.
+create function public.collection_release_work(p_token uuid)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform public.collection_free_units(p_token, null);
+  delete from public.collection_executors where token = p_token;
+end
+$$;
+
+-- The unit (p_category_id, p_asin; a null p_asin is the category's discovery) held under p_token,
+-- locked; CR005 when the caller no longer holds it.
+create function public.collection_held_unit(p_run_id uuid, p_token uuid, p_category_id text, p_asin text)
+returns bigint
+language plpgsql
+set search_path = ''
+as $$
+declare
+  reserved bigint;
+begin
+  if p_asin is null then
+    select c.reserved_cents into reserved from public.collection_run_categories c
+     where c.run_id = p_run_id and c.category_id = p_category_id and c.lease_token = p_token
+       and c.discovered_at is null
+       for update;
+  else
+    select i.reserved_cents into reserved from public.collection_run_items i
+     where i.run_id = p_run_id and i.category_id = p_category_id and i.asin = p_asin
+       and i.lease_token = p_token and i.status = 'pending'
+       for update;
+  end if;
+  if not found then
+    raise exception 'lease lost' using errcode = 'CR005';
+  end if;
+  return reserved;
+end
+$$;
+
+-- A unit its process gives back. Before any call was made (it stops while waiting for its slot), its
+-- reservation is released and nothing charged; after its calls were made (p_calls_made: its checkpoint
+-- could not be written), what it had reserved may have been charged: an uncertain cost. Either way it
+-- goes back to be done by whoever asks next.
+create function public.collection_give_back_work(
+  p_run_id uuid, p_token uuid, p_category_id text, p_asin text, p_calls_made boolean
+)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  reserved bigint := public.collection_held_unit(p_run_id, p_token, p_category_id, p_asin);
+  charged bigint := case when p_calls_made then reserved else 0 end;
+begin
+  if p_asin is null then
+    update public.collection_run_categories
+       set lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+     where run_id = p_run_id and category_id = p_category_id;
+  else
+    update public.collection_run_items
+       set lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+     where run_id = p_run_id and category_id = p_category_id and asin = p_asin;
+  end if;
+  update public.collection_runs
+     set reserved_cents = reserved_cents - reserved,
+         actual_cost_cents = actual_cost_cents + charged,
+         uncertain_cost_cents = uncertain_cost_cents + charged,
+         -- not served after all: its turn is not counted against the run
+         served_units = case when p_calls_made then served_units else greatest(served_units - 1, 0) end
+   where id = p_run_id;
+end
+$$;
+
+-- The provider cannot serve the run at all (e.g. it refused the credentials): the unit's call was not
+-- charged, its reservation is released, and the run fails with the reason.
+create function public.collection_fail_run(
+  p_run_id uuid, p_token uuid, p_category_id text, p_asin text, p_reason text
+)
+returns setof public.collection_runs
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform public.collection_give_back_work(p_run_id, p_token, p_category_id, p_asin, false);
+  perform public.collection_fail_unheld(p_run_id, p_reason);
+  return query select * from public.collection_runs where id = p_run_id;
 end
 $$;
 
 -- ---------------------------------------------------------------------------------------------------
--- Checkpoints: one atomic, fenced, idempotent statement per unit of work.
+-- Checkpoints: one atomic, fenced statement per unit of work, recorded once (only the holder of the
+-- unit's lease can record it, and recording ends the lease).
 -- ---------------------------------------------------------------------------------------------------
 
--- A category's products were discovered (or discovery failed: p_error, no products). Recorded once:
--- a second record (a retry after a lost answer) only books the money it spent.
+-- A category's products were discovered (or discovery failed: p_error, no products).
 create function public.collection_record_discovery(
   p_run_id uuid,
   p_token uuid,
-  p_position integer,
+  p_category_id text,
   p_products jsonb,          -- [{"asin": "...", "title": "..."}]
   p_cost_cents bigint,
-  p_reserved_cents bigint,
   p_error text,
   p_estimated_per_category integer
 )
@@ -841,26 +1324,16 @@ language plpgsql
 set search_path = ''
 as $$
 declare
-  r public.collection_runs;
+  reserved bigint := public.collection_held_unit(p_run_id, p_token, p_category_id, null);
   cat public.collection_run_categories;
+  r public.collection_runs;
   found_products integer;
 begin
-  r := public.collection_fenced_run(p_run_id, p_token);
-  select * into cat from public.collection_run_categories
-   where run_id = p_run_id and position = p_position for update;
-  if not found then
-    raise exception 'no category at position % of this run', p_position using errcode = 'CR003';
-  end if;
-  if cat.discovered_at is not null then
-    update public.collection_runs
-       set reserved_cents = reserved_cents - p_reserved_cents,
-           actual_cost_cents = actual_cost_cents + p_cost_cents
-     where id = p_run_id returning * into r;
-    return r;
-  end if;
+  select * into cat from public.collection_run_categories where run_id = p_run_id and category_id = p_category_id;
+  select * into r from public.collection_runs where id = p_run_id for update;
 
-  insert into public.collection_run_items (run_id, org_id, category_id, asin, position, result)
-  select p_run_id, r.org_id, cat.category_id, p ->> 'asin', o.n::integer,
+  insert into public.collection_run_items (run_id, org_id, category_id, category_position, asin, position, result)
+  select p_run_id, r.org_id, cat.category_id, cat.position, p ->> 'asin', o.n::integer,
          jsonb_build_object('title', p ->> 'title')
     from jsonb_array_elements(coalesce(p_products, '[]'::jsonb)) with ordinality as o(p, n)
   on conflict (run_id, category_id, asin) do nothing;
@@ -868,8 +1341,9 @@ begin
 
   update public.collection_run_categories
      set products = found_products, discovery_cost_cents = p_cost_cents, error = p_error,
-         discovered_at = now()
-   where run_id = p_run_id and position = p_position;
+         discovered_at = now(), lease_owner = null, lease_token = null, lease_expires_at = null,
+         reserved_cents = 0
+   where run_id = p_run_id and category_id = p_category_id;
 
   if p_error is null then
     insert into public.collection_category_stats (org_id, category_id, products_last_seen, discovery_cost_cents)
@@ -881,23 +1355,27 @@ begin
   end if;
 
   update public.collection_runs run
-     set reserved_cents = run.reserved_cents - p_reserved_cents,
+     set reserved_cents = run.reserved_cents - reserved,
          actual_cost_cents = run.actual_cost_cents + p_cost_cents,
          total_items = (select coalesce(sum(coalesce(c.products, p_estimated_per_category)), 0)
                           from public.collection_run_categories c where c.run_id = p_run_id),
-         checkpoint = jsonb_build_object('category_position', p_position, 'category_id', cat.category_id,
+         checkpoint = jsonb_build_object('category_position', cat.position, 'category_id', cat.category_id,
                                          'phase', 'discovered', 'products', found_products),
-         status_message = format('Category %s/%s: %s products found', p_position,
+         status_message = format('Category %s/%s: %s products found', cat.position,
                                  cardinality(run.category_ids), found_products)
-   where run.id = p_run_id
-  returning run.* into r;
+   where run.id = p_run_id;
+
+  perform public.collection_complete_if_done(p_run_id);
+  select * into r from public.collection_runs where id = p_run_id;
   return r;
 end
 $$;
 
 -- One item finished (done or failed): its result, the run's counters, cost and checkpoint, and the
--- sellers it found, in one statement. An item is counted once: only its first record moves the
--- counters; a second one (a retry after a lost answer) only books the money it spent.
+-- sellers it found, in one statement. Then what follows from it: the run fails when more than
+-- p_max_failed_share of its products failed (once p_min_items are processed), and completes when
+-- nothing is left to do. The run row is locked before that check, so the records of a run's last
+-- items are judged one after the other.
 create function public.collection_record_item(
   p_run_id uuid,
   p_token uuid,
@@ -906,19 +1384,20 @@ create function public.collection_record_item(
   p_status text,
   p_attempts integer,
   p_cost_cents bigint,
-  p_reserved_cents bigint,
   p_result jsonb,
   p_error text,
   p_sellers jsonb,           -- [{"seller": "...", "listings": 3, "price_cents": 1299}]
-  p_worker text
+  p_worker text,
+  p_max_failed_share double precision,
+  p_min_items integer
 )
 returns public.collection_runs
 language plpgsql
 set search_path = ''
 as $$
 declare
+  reserved bigint;
   r public.collection_runs;
-  first_record boolean;
   cat_position integer;
   cat_products integer;
   cat_finished integer;
@@ -926,24 +1405,17 @@ begin
   if p_status not in ('done', 'failed') then
     raise exception 'an item is recorded as done or failed, not %', p_status using errcode = '22023';
   end if;
-  r := public.collection_fenced_run(p_run_id, p_token);
+  reserved := public.collection_held_unit(p_run_id, p_token, p_category_id, p_asin);
 
   update public.collection_run_items
      set status = p_status, attempts = attempts + p_attempts, cost_cents = cost_cents + p_cost_cents,
          result = coalesce(result, '{}'::jsonb) || coalesce(p_result, '{}'::jsonb),
-         last_error = p_error, worked_by = p_worker, updated_at = now()
-   where run_id = p_run_id and category_id = p_category_id and asin = p_asin and status = 'pending';
-  first_record := found;
-  if not first_record then
-    update public.collection_run_items
-       set cost_cents = cost_cents + p_cost_cents, attempts = attempts + p_attempts
-     where run_id = p_run_id and category_id = p_category_id and asin = p_asin;
-    if not found then
-      raise exception 'no item % in category % of this run', p_asin, p_category_id using errcode = 'CR003';
-    end if;
-  end if;
+         last_error = p_error, worked_by = p_worker, updated_at = now(),
+         lease_owner = null, lease_token = null, lease_expires_at = null, reserved_cents = 0
+   where run_id = p_run_id and category_id = p_category_id and asin = p_asin;
 
-  if first_record and p_status = 'done' then
+  select * into r from public.collection_runs where id = p_run_id for update;
+  if p_status = 'done' then
     insert into public.collection_sellers as s
       (org_id, seller, listings_seen, products_seen, lowest_price_cents, first_run_id, last_run_id)
     select r.org_id, e ->> 'seller', (e ->> 'listings')::bigint, 1, (e ->> 'price_cents')::bigint,
@@ -957,12 +1429,10 @@ begin
           last_seen_at = now();
   end if;
 
-  if first_record then
-    update public.collection_category_stats
-       set items_processed = items_processed + 1, item_cost_cents = item_cost_cents + p_cost_cents,
-           updated_at = now()
-     where org_id = r.org_id and category_id = p_category_id;
-  end if;
+  update public.collection_category_stats
+     set items_processed = items_processed + 1, item_cost_cents = item_cost_cents + p_cost_cents,
+         updated_at = now()
+   where org_id = r.org_id and category_id = p_category_id;
 
   select c.position, c.products,
          (select count(*) from public.collection_run_items i
@@ -972,46 +1442,25 @@ begin
    where c.run_id = p_run_id and c.category_id = p_category_id;
 
   update public.collection_runs run
-     set reserved_cents = run.reserved_cents - p_reserved_cents,
+     set reserved_cents = run.reserved_cents - reserved,
          actual_cost_cents = run.actual_cost_cents + p_cost_cents,
-         processed_items = run.processed_items + case when first_record then 1 else 0 end,
-         failed_items = run.failed_items + case when first_record and p_status = 'failed' then 1 else 0 end,
+         processed_items = run.processed_items + 1,
+         failed_items = run.failed_items + case when p_status = 'failed' then 1 else 0 end,
          checkpoint = jsonb_build_object('category_position', cat_position, 'category_id', p_category_id,
                                          'phase', 'items', 'last_asin', p_asin),
          status_message = format('Category %s/%s: %s/%s products', cat_position,
                                  cardinality(run.category_ids), cat_finished, cat_products)
    where run.id = p_run_id
   returning run.* into r;
-  return r;
-end
-$$;
 
--- Finish a run the caller holds: 'complete' only when every category is discovered and no item is
--- pending (otherwise no row: it is premature); 'fail' with a reason. Releases the lease.
-create function public.collection_finish_run(p_run_id uuid, p_token uuid, p_action text, p_reason text)
-returns setof public.collection_runs
-language plpgsql
-set search_path = ''
-as $$
-declare
-  r public.collection_runs;
-begin
-  r := public.collection_fenced_run(p_run_id, p_token);
-  if p_action = 'complete' and (
-       exists (select 1 from public.collection_run_categories
-                where run_id = p_run_id and discovered_at is null)
-       or exists (select 1 from public.collection_run_items
-                   where run_id = p_run_id and status = 'pending')) then
-    return;
+  if r.processed_items >= p_min_items and r.failed_items > r.processed_items * p_max_failed_share then
+    perform public.collection_fail_unheld(p_run_id, format('%s of %s products failed, more than %s%%',
+      r.failed_items, r.processed_items, round((p_max_failed_share * 100)::numeric)));
+  else
+    perform public.collection_complete_if_done(p_run_id);
   end if;
-  r := public.collection_transition_run(r.org_id, p_run_id, p_action, null, p_reason);
-  update public.collection_runs
-     set status_message = case p_action
-           when 'complete' then format('Completed: %s products, %s failed', processed_items, failed_items)
-           else format('Failed: %s', p_reason) end
-   where id = p_run_id;
-  perform public.collection_release_run(p_run_id, p_token);
-  return query select * from public.collection_runs where id = p_run_id;
+  select * into r from public.collection_runs where id = p_run_id;
+  return r;
 end
 $$;
 
@@ -1066,6 +1515,11 @@ alter table public.collection_run_categories enable row level security;
 alter table public.collection_run_items enable row level security;
 alter table public.collection_sellers enable row level security;
 alter table public.collection_category_stats enable row level security;
+-- The executor's shared state: for this service alone (no policy: no rows for signed-in users).
+alter table public.collection_rate_limits enable row level security;
+alter table public.collection_scheduler enable row level security;
+alter table public.collection_org_turns enable row level security;
+alter table public.collection_executors enable row level security;
 
 create policy "members read their organisations" on public.organizations
   for select to authenticated

@@ -122,8 +122,22 @@ async def db(migrated_dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(autouse=True)
 async def clean_tables(db: asyncpg.Pool) -> None:
-    """Empty every table a test can write (reference data from the migrations stays)."""
-    await db.execute("truncate auth.users, public.organizations restart identity cascade")
+    """Empty every table a test can write (reference data from the migrations stays). Tried again when
+    it deadlocks: a server process of an earlier test may still be stopping, or one of this module's
+    is running, whose executor queries these tables all the time, and Postgres may
+    pick the truncation as the one to abort (it is then rolled back whole)."""
+    for attempt in range(5):
+        try:
+            async with db.acquire() as connection, connection.transaction():
+                await connection.execute(
+                    "truncate auth.users, public.organizations, public.collection_rate_limits, "
+                    "public.collection_executors restart identity cascade"
+                )
+                await connection.execute("update public.collection_scheduler set vclock = 0")
+            return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == 4:
+                raise
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,22 @@ Unscripted queries get `Answer()`: HTTP 200, target 200, the canned content.
 
     with serve_fake_oxylabs() as fake:
         provider = OxylabsProvider(USERNAME, PASSWORD, base_url=fake.base_url)
+
+For many processes sharing one account (test_fleet.py, benchmarks/bench_fleet.py), the fake can act as
+the account does (Usage and billing > Rate limits), all off until configured:
+
+    fake.configure(jobs_per_s=20, rendered_jobs_per_s=5, latency_s=(0.04, 0.08))
+
+- an account-wide limit over any trailing second: a request past `jobs_per_s` jobs accepted in the last
+  second (or past `rendered_jobs_per_s` rendered ones, payload `render`) gets HTTP 429 "Too many
+  requests" and is no job; every answer then carries `x-ratelimit-total-jobs-limit/-remaining` and
+  `x-ratelimit-render-jobs-limit/-remaining` (`rate_limit_headers=False` leaves them out);
+- a latency per accepted request, uniform in `latency_s`, so that calls overlap as real ones do;
+- a generated catalogue: any category but BESTSELLERS_CATEGORY lists `products_per_category` products
+  (ASINs derived from the category id, distinct across categories), with product pages and eBay
+  pages for them (`fake.catalogue(category)`);
+- `fake.calls`: every request the account saw (arrival time, source, query, accepted or refused),
+  and `fake.category_of(call)` to map one back to its category through the generated catalogue.
 """
 
 from __future__ import annotations
@@ -23,12 +39,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
+import random
 import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,15 +114,169 @@ class ReceivedRequest:
         return (username, password) if colon else None
 
 
+ACCEPTED = "accepted"
+REFUSED = "refused"  # past the account's rate: HTTP 429, no job
+
+# The names of the account's limits in the x-ratelimit-<name>-limit headers (the app maps a name with
+# "render" in it to its rendered limit, any other to the account's).
+TOTAL_LIMIT_NAME = "total-jobs"
+RENDER_LIMIT_NAME = "render-jobs"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as the account saw it: when it arrived (`time.monotonic()` of the test's process),
+    what it asked for, and whether the account's rate let it through."""
+
+    at: float
+    source: str
+    query: str
+    rendered: bool
+    outcome: str  # ACCEPTED or REFUSED
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == ACCEPTED
+
+
+@dataclass
+class AccountLimits:
+    """The account's limits and how its requests are served (see `FakeOxylabs.configure`)."""
+
+    jobs_per_s: int | None = None
+    rendered_jobs_per_s: int | None = None
+    rate_limit_headers: bool = True
+    latency_s: tuple[float, float] = (0.0, 0.0)
+    products_per_category: int = 30
+
+
+class _TrailingSecond:
+    """The jobs accepted over the last second, to refuse one past the limit as the account does."""
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque()
+
+    def count(self, now: float) -> int:
+        while self._times and self._times[0] <= now - 1.0:
+            self._times.popleft()
+        return len(self._times)
+
+    def add(self, now: float) -> None:
+        self._times.append(now)
+
+
 @dataclass
 class FakeOxylabs:
     username: str = USERNAME
     password: str = PASSWORD
     base_url: str = ""
+    limits: AccountLimits = field(default_factory=AccountLimits)
     _scripts: defaultdict[str, deque[Answer]] = field(default_factory=lambda: defaultdict(deque))
     _requests: list[ReceivedRequest] = field(default_factory=list)
+    _calls: list[Call] = field(default_factory=list)
+    _all_jobs: _TrailingSecond = field(default_factory=_TrailingSecond)
+    _rendered_jobs: _TrailingSecond = field(default_factory=_TrailingSecond)
+    _catalogue: dict[str, list[str]] = field(default_factory=dict)  # category -> its ASINs
+    _category_of_asin: dict[str, str] = field(default_factory=dict)
+    _rng: random.Random = field(default_factory=lambda: random.Random(20261202))
     # The server runs on its own thread and event loop; tests read and script from theirs.
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def configure(
+        self,
+        *,
+        jobs_per_s: int | None = None,
+        rendered_jobs_per_s: int | None = None,
+        rate_limit_headers: bool = True,
+        latency_s: tuple[float, float] = (0.0, 0.0),
+        products_per_category: int = 30,
+    ) -> None:
+        """The account's limits (None: none), the latency of each accepted request (uniform between
+        the two bounds) and the size of the generated catalogue's categories."""
+        assert products_per_category >= 1 and 0 <= latency_s[0] <= latency_s[1]
+        with self._lock:
+            self.limits = AccountLimits(
+                jobs_per_s, rendered_jobs_per_s, rate_limit_headers, latency_s, products_per_category
+            )
+            self._catalogue.clear()
+            self._category_of_asin.clear()
+
+    @property
+    def calls(self) -> list[Call]:
+        with self._lock:
+            return list(self._calls)
+
+    def catalogue(self, category_id: str) -> list[str]:
+        """The ASINs a generated best-sellers page lists for `category_id`, always the same."""
+        with self._lock:
+            return list(self._generated(category_id))
+
+    def category_of(self, call: Call) -> str | None:
+        """The category a call was made for (through the generated catalogue; None: not one of it)."""
+        if call.source == "amazon_bestsellers":
+            return call.query
+        # An eBay query is built from the product's title, which ends with its ASIN.
+        asin = call.query if call.source == "amazon_product" else call.query.rsplit(" ", 1)[-1]
+        with self._lock:
+            return self._category_of_asin.get(asin)
+
+    def _generated(self, category_id: str) -> list[str]:
+        """(Under the lock.) A category's ASINs, derived from its id; registered so that every ASIN
+        belongs to one category only."""
+        asins = self._catalogue.get(category_id)
+        if asins is None:
+            asins = [generated_asin(category_id, i) for i in range(self.limits.products_per_category)]
+            clash = [a for a in asins if self._category_of_asin.get(a, category_id) != category_id]
+            assert not clash, f"generated ASINs {clash} of {category_id!r} belong to another category"
+            self._catalogue[category_id] = asins
+            self._category_of_asin.update(dict.fromkeys(asins, category_id))
+        return asins
+
+    def _admit(self, source: str, query: str, rendered: bool) -> tuple[bool, dict[str, str]]:
+        """Whether the account's rate lets this request through now (counted as a job if so), and the
+        x-ratelimit headers of its answer."""
+        now = time.monotonic()
+        with self._lock:
+            limits = self.limits
+            total, render = self._all_jobs.count(now), self._rendered_jobs.count(now)
+            accepted = (limits.jobs_per_s is None or total < limits.jobs_per_s) and (
+                not rendered or limits.rendered_jobs_per_s is None or render < limits.rendered_jobs_per_s
+            )
+            if accepted:
+                self._all_jobs.add(now)
+                total += 1
+                if rendered:
+                    self._rendered_jobs.add(now)
+                    render += 1
+            self._calls.append(Call(now, source, query, rendered, ACCEPTED if accepted else REFUSED))
+        headers: dict[str, str] = {}
+        if limits.rate_limit_headers:
+            for name, limit, used in (
+                (TOTAL_LIMIT_NAME, limits.jobs_per_s, total),
+                (RENDER_LIMIT_NAME, limits.rendered_jobs_per_s, render),
+            ):
+                if limit is not None:
+                    headers[f"x-ratelimit-{name}-limit"] = str(limit)
+                    headers[f"x-ratelimit-{name}-remaining"] = str(max(0, limit - used))
+        return accepted, headers
+
+    def _latency(self) -> float:
+        low, high = self.limits.latency_s
+        with self._lock:
+            return self._rng.uniform(low, high) if high > 0 else 0.0
+
+    def _canned(self, source: str, query: str) -> Any:
+        """The content of a successful answer: the generated catalogue's, else the canned pages."""
+        if source == "amazon_bestsellers" and query != BESTSELLERS_CATEGORY:
+            with self._lock:
+                asins = self._generated(query)
+            return generated_bestsellers_content(query, asins)
+        asin = query if source == "amazon_product" else query.rsplit(" ", 1)[-1]
+        with self._lock:
+            generated = source != "amazon_bestsellers" and asin in self._category_of_asin
+        if not generated:
+            return canned_content(source, query)
+        return generated_product_content(asin) if source == "amazon_product" else generated_ebay_page(query)
 
     def script(self, query: str, *answers: Answer) -> None:
         """Queue answers for a query; each request for it takes the next one, then the default `Answer()`."""
@@ -117,9 +289,14 @@ class FakeOxylabs:
             return list(self._requests)
 
     def reset(self) -> None:
+        """Forget scripts, requests and calls, and serve as an unlimited account with no latency."""
+        self.configure()
         with self._lock:
             self._scripts.clear()
             self._requests.clear()
+            self._calls.clear()
+            self._all_jobs = _TrailingSecond()
+            self._rendered_jobs = _TrailingSecond()
 
     def _record(self, received: ReceivedRequest) -> None:
         with self._lock:
@@ -132,6 +309,71 @@ class FakeOxylabs:
 
     def _authorized(self, received: ReceivedRequest) -> bool:
         return received.credentials == (self.username, self.password)
+
+
+# --- Reading the account's traffic (fake.calls) -------------------------------------------------------------
+
+
+def busiest_second(calls: Sequence[Call]) -> int:
+    """The most requests (accepted or refused) that arrived within any one second."""
+    times = sorted(call.at for call in calls)
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while times[first] <= at - 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def accepted_rate(calls: Sequence[Call], start: float, end: float) -> float:
+    """Accepted calls a second between `start` and `end` (arrival times)."""
+    if end <= start:
+        return 0.0
+    return sum(1 for call in calls if call.accepted and start <= call.at < end) / (end - start)
+
+
+@dataclass(frozen=True)
+class Contention:
+    """While every group had calls (from the last group's first call to the first group's last call):
+    each group's accepted calls."""
+
+    start: float
+    end: float
+    calls: dict[str, int]
+
+    @property
+    def fairness(self) -> float:
+        """The least served group's calls over the busiest group's (1: equal; 0: some group's work
+        ended before another's began)."""
+        if self.end <= self.start:
+            return 0.0
+        return min(self.calls.values()) / max(max(self.calls.values()), 1)
+
+    def shares(self) -> dict[str, float]:
+        total = max(sum(self.calls.values()), 1)
+        return {group: count / total for group, count in sorted(self.calls.items())}
+
+
+def contention(
+    calls: Sequence[Call],
+    group_of: Callable[[Call], str | None],
+    working: Callable[[Call], bool] = lambda call: True,
+) -> Contention:
+    """Each group's accepted calls while every group had work: a group has work from its first call
+    that `working` accepts (e.g. its first item, once a discovery has listed some) to its last call."""
+    spans: dict[str, list[float]] = {}
+    for call in calls:
+        group = group_of(call)
+        if group is not None and (group in spans or working(call)):
+            spans.setdefault(group, []).append(call.at)
+    start = max(min(times) for times in spans.values())
+    end = min(max(times) for times in spans.values())
+    counts = dict.fromkeys(spans, 0)
+    for call in calls:
+        group = group_of(call)
+        if group is not None and call.accepted and start <= call.at <= end:
+            counts[group] += 1
+    return Contention(start, end, counts)
 
 
 def build_app(fake: FakeOxylabs) -> Starlette:
@@ -159,18 +401,27 @@ def build_app(fake: FakeOxylabs) -> Starlette:
             return JSONResponse({"message": f"Unsupported source: {source}"}, status_code=400)
 
         query = payload["query"]
+        accepted, headers = fake._admit(source, query, rendered=bool(payload.get("render")))
+        if not accepted:
+            return JSONResponse({"message": API_MESSAGES[429]}, status_code=429, headers=headers)
         answer = fake._next_answer(query)
-        if answer.delay_s:
-            await asyncio.sleep(answer.delay_s)
+        delay = answer.delay_s + fake._latency()
+        if delay:
+            await asyncio.sleep(delay)
         if answer.raw_body is not None:
-            return Response(answer.raw_body, status_code=answer.http_status, media_type="application/json")
+            return Response(
+                answer.raw_body,
+                status_code=answer.http_status,
+                media_type="application/json",
+                headers=headers,
+            )
         if answer.http_status != 200:
             message = API_MESSAGES.get(answer.http_status, "Error")
-            return JSONResponse({"message": message}, status_code=answer.http_status)
+            return JSONResponse({"message": message}, status_code=answer.http_status, headers=headers)
         content = answer.content
         if content is CANNED:
-            content = canned_content(source, query) if 200 <= answer.target_status < 300 else ""
-        return JSONResponse(envelope(source, query, answer.target_status, content))
+            content = fake._canned(source, query) if 200 <= answer.target_status < 300 else ""
+        return JSONResponse(envelope(source, query, answer.target_status, content), headers=headers)
 
     return Starlette(routes=[Route("/v1/queries", queries, methods=["POST"])])
 
@@ -513,3 +764,67 @@ EBAY_PAGES = {
     EBAY_QUERY_S_CARD: EBAY_PAGE_S_CARD,
     EBAY_QUERY_NO_RESULTS: EBAY_PAGE_NO_RESULTS,
 }
+
+
+# --- The generated catalogue (categories other than BESTSELLERS_CATEGORY) ----------------------------------
+
+GENERATED_BRANDS = ("Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware", "Proseware", "Adatum")
+GENERATED_KINDS = ("Headphones", "Earbuds", "Speaker", "Soundbar", "Turntable", "Amplifier")
+GENERATED_SELLERS = ("audio_outlet_usa", "gadget.depot-22", "kw_electronics", "soundhouse", "hifi_corner")
+
+
+def _digest(*parts: str) -> int:
+    return int.from_bytes(hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest(), "big")
+
+
+def generated_asin(category_id: str, index: int) -> str:
+    return f"B{_digest('asin', category_id, str(index)) % 16**9:09X}"
+
+
+def generated_title(asin: str) -> str:
+    """A product's title; it ends with the ASIN, so an eBay query built from it names its product."""
+    seed = _digest("title", asin)
+    brand = GENERATED_BRANDS[seed % len(GENERATED_BRANDS)]
+    return f"{brand} {GENERATED_KINDS[seed // 7 % len(GENERATED_KINDS)]} {asin}"
+
+
+def generated_bestsellers_content(category_id: str, asins: list[str]) -> dict[str, Any]:
+    content = bestsellers_content(category_id)
+    content["results"] = [
+        {
+            "pos": pos,
+            "url": f"/dp/{asin}/ref=zg_bs_{category_id}_{pos}?psc=1",
+            "asin": asin,
+            "price": 10 + _digest("price", asin) % 400,
+            "title": generated_title(asin),
+            "rating": 4.2,
+            "currency": "USD",
+            "is_prime": pos % 2 == 1,
+            "price_str": "",
+            "price_upper": 0,
+            "ratings_count": _digest("ratings", asin) % 5000,
+        }
+        for pos, asin in enumerate(asins, start=1)
+    ]
+    return content
+
+
+def generated_product_content(asin: str) -> dict[str, Any]:
+    price = round(10 + _digest("price", asin) % 40_000 / 100, 2)
+    brand = generated_title(asin).split(" ", 1)[0]
+    return product_content(asin, generated_title(asin), price, brand=brand, price_buybox=price)
+
+
+def generated_ebay_page(query: str) -> str:
+    seed = _digest("ebay", query)
+    listings = [
+        (
+            f"{query} listing {n + 1}",
+            f"${20 + (seed >> (8 * n)) % 300}.{n}9",
+            GENERATED_SELLERS[(seed >> (4 * n)) % len(GENERATED_SELLERS)],
+            f"{1 + (seed >> n) % 9000:,}",
+            "99.1",
+        )
+        for n in range(1 + seed % 3)
+    ]
+    return _search_page(query, "".join(_s_item(*listing) for listing in listings))

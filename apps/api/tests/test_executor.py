@@ -66,6 +66,23 @@ async def run_row(db: asyncpg.Pool, run_id: str) -> asyncpg.Record:
     return await db.fetchrow("select * from collection_runs where id = $1", run_id)
 
 
+async def held_units(db: asyncpg.Pool, run_id: str) -> int:
+    """The run's units of work under a process's lease (calls in flight, or about to be)."""
+    held: int = await db.fetchval(
+        "select (select count(*) from collection_run_items where run_id = $1 and lease_token is not null)"
+        " + (select count(*) from collection_run_categories where run_id = $1 and lease_token is not null)",
+        run_id,
+    )
+    return held
+
+
+def no_unit_held(db: asyncpg.Pool, run_id: str) -> Any:
+    async def check() -> bool:
+        return await held_units(db, run_id) == 0
+
+    return check
+
+
 async def start(api: httpx.AsyncClient, admin: Actor, categories: list[str], **body: Any) -> dict[str, Any]:
     run = await create_run(api, admin, categories, **body)
     response = await api.post(f"/collection/runs/{run['id']}/start", headers=admin.headers)
@@ -95,7 +112,7 @@ class TestRunToCompletion:
         assert row["actual_cost_cents"] == 5 * len(categories) + 10 * expected_items
         assert row["actual_cost_cents"] == sum(i["cost_cents"] for i in items) + 5 * len(categories)
         assert row["reserved_cents"] == 0 and row["uncertain_cost_cents"] == 0
-        assert row["lease_token"] is None
+        assert await held_units(db, run["id"]) == 0
         assert row["status_message"].startswith("Completed")
         sellers = await db.fetchval(
             "select sum(listings_seen) from collection_sellers where org_id = $1", admin.org_id
@@ -141,7 +158,7 @@ class TestRunToCompletion:
 class TestControlMidRun:
     @pytest.fixture
     def executor_overrides(self) -> dict[str, Any]:
-        return {"sandbox_latency_ms": 20, "items_in_flight_per_run": 2}
+        return {"sandbox_latency_ms": 20, "max_calls_in_flight": 2}
 
     async def test_pause_stops_new_items_and_resume_finishes_without_redoing(
         self, api: httpx.AsyncClient, world: World, db: asyncpg.Pool
@@ -155,11 +172,8 @@ class TestControlMidRun:
         assert (
             await api.post(f"/collection/runs/{run['id']}/pause", headers=admin.headers)
         ).status_code == 200
-        # Within about a second: the lease is released and nothing moves any more.
-        await wait_for(
-            lambda: db.fetchval("select lease_token is null from collection_runs where id = $1", run["id"]),
-            2.0,
-        )
+        # Within about a second: the items in flight are recorded and nothing moves any more.
+        await wait_for(no_unit_held(db, run["id"]), 2.0)
         assert time.monotonic() - paused_at < 1.5
         frozen = await run_row(db, run["id"])
         await asyncio.sleep(0.3)
@@ -186,10 +200,7 @@ class TestControlMidRun:
         assert (
             await api.post(f"/collection/runs/{run['id']}/cancel", headers=admin.headers)
         ).status_code == 200
-        await wait_for(
-            lambda: db.fetchval("select lease_token is null from collection_runs where id = $1", run["id"]),
-            2.0,
-        )
+        await wait_for(no_unit_held(db, run["id"]), 2.0)
         row = await run_row(db, run["id"])
         assert row["status"] == "cancelled"
         done = await db.fetchval(
@@ -213,8 +224,11 @@ class TestBudget:
         await db.execute("update collection_runs set budget_cap_cents = 205 where id = $1", run["id"])
 
         async def paused() -> Any:
-            row = await run_row(db, run["id"])
-            return row if row["status"] == "paused" and row["lease_token"] is None else None
+            # Paused, and the units in flight then recorded since: read again, it is final.
+            paused_now = (await run_row(db, run["id"]))["status"] == "paused"
+            return (
+                await run_row(db, run["id"]) if paused_now and await held_units(db, run["id"]) == 0 else None
+            )
 
         row = await wait_for(paused)
         assert row["status_reason"] == "budget_exhausted"
@@ -262,7 +276,7 @@ class TestFailures:
         assert category["error"].startswith("amazon_bestsellers")
         assert row["status_reason"].startswith("no category could be discovered")
         assert row["actual_cost_cents"] == 5  # the failed page was charged, once
-        assert row["lease_token"] is None and row["reserved_cents"] == 0
+        assert await held_units(db, run["id"]) == 0 and row["reserved_cents"] == 0
 
 
 class TestFreeFailuresAreRetried:
@@ -290,7 +304,7 @@ class TestFreeFailuresAreRetried:
 class TestProgressStream:
     @pytest.fixture
     def executor_overrides(self) -> dict[str, Any]:
-        return {"sandbox_latency_ms": 30, "items_in_flight_per_run": 2}
+        return {"sandbox_latency_ms": 30, "max_calls_in_flight": 2}
 
     async def test_stream_sends_progress_and_transitions_until_the_run_ends(
         self, api: httpx.AsyncClient, world: World, db: asyncpg.Pool

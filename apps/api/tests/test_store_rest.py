@@ -34,7 +34,7 @@ from app.errors import (
 )
 from app.main import create_app
 from app.migrate import migrations
-from app.models import CollectionRunCreate, CollectionRunResponse
+from app.models import CollectionRunCreate, CollectionRunResponse, CollectionSettingsUpdate
 from app.store import Store
 from app.store_rest import RestStoreError, RestTransport
 from conftest import JWT_SECRET, SERVICE_ROLE_KEY, World, create_run, free_port, make_settings
@@ -302,15 +302,19 @@ class TestWhatTheAdapterSends:
             assert call.headers["content-profile"] == "public"
         # Every argument the operation declares, by name (so none can land in another's place).
         assert list(calls[2].body) == [f"p_{name}" for name in ops.CREATE_RUN.args]
-        assert calls[2].body | {
-            "p_org_id": str(admin.org_id),
-            "p_created_by": str(admin.user_id),
-            "p_name": run["name"],
-            "p_category_ids": ["garden", "kitchen"],
-            "p_estimated_cost_cents": 1000,
-            "p_total_items": 100,
-            "p_provider": "sandbox",
-        } == calls[2].body
+        assert (
+            calls[2].body
+            | {
+                "p_org_id": str(admin.org_id),
+                "p_created_by": str(admin.user_id),
+                "p_name": run["name"],
+                "p_category_ids": ["garden", "kitchen"],
+                "p_estimated_cost_cents": 1000,
+                "p_total_items": 100,
+                "p_provider": "sandbox",
+            }
+            == calls[2].body
+        )
         stored = await db.fetchval(
             "select category_ids from collection_runs where id = $1", uuid.UUID(run["id"])
         )
@@ -342,13 +346,7 @@ class TestBothStoresAgree:
         )
 
     async def test_concurrent_run_limit(self, pg_store: Store, rest_store: Store, org: uuid.UUID) -> None:
-        await pg_store.call(
-            ops.UPDATE_SETTINGS,
-            org_id=org,
-            budget_cap_cents=None,
-            soft_warning_percent=None,
-            max_concurrent_runs=1,
-        )
+        await pg_store.call(ops.UPDATE_SETTINGS, CollectionSettingsUpdate(max_concurrent_runs=1), org_id=org)
         await new_run(pg_store, org, "first")
         pg, rest = (
             await outcome(new_run(pg_store, org, "second")),
@@ -371,25 +369,21 @@ class TestBothStoresAgree:
 
     async def test_lease_lost(self, pg_store: Store, rest_store: Store, org: uuid.UUID) -> None:
         run = await new_run(pg_store, org)
-        args = {"run_id": run.id, "token": uuid.uuid4(), "cents": 5}
+        args = {"run_id": run.id, "token": uuid.uuid4(), "category_id": "garden", "asin": None}
         pg, rest = (
-            await outcome(pg_store.call(ops.RELEASE_RESERVATION, **args)),
-            await outcome(rest_store.call(ops.RELEASE_RESERVATION, **args)),
+            await outcome(pg_store.call(ops.GIVE_BACK_WORK, **args, calls_made=False)),
+            await outcome(rest_store.call(ops.GIVE_BACK_WORK, **args, calls_made=False)),
         )
         assert pg == rest and pg[0] is LeaseLost
 
     async def test_check_violation_names_the_rule(
         self, pg_store: Store, rest_store: Store, org: uuid.UUID
     ) -> None:
-        changes = {
-            "org_id": org,
-            "budget_cap_cents": -1,
-            "soft_warning_percent": None,
-            "max_concurrent_runs": None,
-        }
+        # Past the model's own bound, as a client of the database could send it.
+        changes = CollectionSettingsUpdate.model_construct(budget_cap_cents=-1)
         pg, rest = (
-            await outcome(pg_store.call(ops.UPDATE_SETTINGS, **changes)),
-            await outcome(rest_store.call(ops.UPDATE_SETTINGS, **changes)),
+            await outcome(pg_store.call(ops.UPDATE_SETTINGS, changes, org_id=org)),
+            await outcome(rest_store.call(ops.UPDATE_SETTINGS, changes, org_id=org)),
         )
         assert (
             pg
@@ -408,11 +402,12 @@ class TestBothStoresAgree:
             "status": "bogus",
             "attempts": 1,
             "cost_cents": 0,
-            "reserved_cents": 0,
             "result": None,
             "error": None,
             "sellers": [],
             "worker": "w",
+            "max_failed_share": 0.5,
+            "min_items": 20,
         }
         with pytest.raises(asyncpg.PostgresError):
             await pg_store.call(ops.RECORD_ITEM, **args)
@@ -457,8 +452,6 @@ class TestBothStoresAgree:
                     "after_id": uuid.uuid4(),
                 },
             ),
-            (ops.RUN_CATEGORIES, {"run_id": run.id}),
-            (ops.PENDING_ITEMS, {"run_id": run.id, "category_id": "garden"}),
             (
                 ops.LIST_ITEMS,
                 {"org_id": admin.org_id, "run_id": run.id, "status": None, "limit": 10, "offset": 0},
@@ -487,38 +480,42 @@ class TestBothStoresAgree:
         run = await new_run(pg_store, org)
         await transition(pg_store, org, run.id, "start")
         token = uuid.uuid4()
-        lease = {"run_id": run.id, "token": token}
 
-        claimed = await rest_store.call(ops.CLAIM_RUNS, owner="w1", token=token, lease_s=30, limit=5)
-        assert [r.id for r in claimed] == [run.id]
-        held = await rest_store.call(ops.HEARTBEAT, token=token, lease_s=30)  # a table
-        assert [(h.id, h.status) for h in held] == [(run.id, "running")]
-        assert await rest_store.call(ops.RESERVE, **lease, cents=5) == "ok"  # a scalar
-        assert await rest_store.call(ops.RELEASE_RESERVATION, **lease, cents=5) is None  # void: 204
-        # Premature: the category is not discovered, so the function returns no row.
-        assert await rest_store.call(ops.FINISH_RUN, **lease, action="complete", reason=None) is None
-        assert await rest_store.call(ops.RELEASE_RUN, **lease) is None
+        rates = await rest_store.call(ops.CONFIGURE_RATES, rates={"provider": 50, "provider:rendered": 13})
+        assert {r.name: r.per_s for r in rates} == {"provider": 50, "provider:rendered": 13}  # a set of rows
+        view = await rest_store.call(ops.HEARTBEAT, owner="w1", token=token, lease_s=30)  # a JSON document
+        assert view.executors == 1 and view.rates == pytest.approx(
+            {"provider": 45.0, "provider:rendered": 11.7}
+        )
+        units = await rest_store.call(  # a table (here of one row: the run's only unit)
+            ops.NEXT_WORK,
+            owner="w1",
+            token=token,
+            lease_s=30,
+            horizon_s=1.0,
+            item_cents=10,
+            discovery_cents=5,
+            limit=4,
+        )
+        assert [(work.kind, work.run_id, work.category_id) for work in units] == [
+            ("discovery", run.id, "garden")
+        ]
+        slot = await rest_store.call(ops.TAKE_SLOT, buckets=["provider"], horizon_s=1.0)  # OUT parameters
+        assert slot.granted and 0 < slot.wait_s <= 1 / 45.0 + 0.01
+        unit = {"run_id": run.id, "token": token, "category_id": "garden", "asin": None}
+        assert await rest_store.call(ops.GIVE_BACK_WORK, **unit, calls_made=False) is None  # void: 204
+        with pytest.raises(LeaseLost):  # given back: no longer this process's to record
+            await rest_store.call(
+                ops.RECORD_DISCOVERY,
+                **{k: v for k, v in unit.items() if k != "asin"},
+                products=[],
+                cost_cents=5,
+                error=None,
+                estimated_per_category=50,
+            )
+        assert await rest_store.call(ops.RELEASE_WORK, token=token) is None
         after = await pg_store.call(ops.GET_RUN, org_id=org, run_id=run.id)
-        assert after is not None and after.reserved_cents == 0
-
-
-class TestPaging:
-    async def test_set_returning_reads_are_complete_however_low_max_rows_is(
-        self, pg_store: Store, rest_store: Store, bridge: PostgrestBridge, world: World
-    ) -> None:
-        org = await world.org("acme")
-        run = await new_run(pg_store, org, categories=[f"c{n}" for n in range(5)], cost=2500, items=250)
-        bridge.max_rows = 2
-        try:
-            categories = await rest_store.call(ops.RUN_CATEGORIES, run_id=run.id)
-        finally:
-            bridge.max_rows = 1000
-
-        assert [c.category_id for c in categories] == ["c0", "c1", "c2", "c3", "c4"]
-        assert categories == await pg_store.call(ops.RUN_CATEGORIES, run_id=run.id)
-        pages = [r.query for r in bridge.requests if r.function == "collection_run_categories_of"]
-        assert [p["offset"] for p in pages] == ["0", "2", "4", "5"]
-        assert all(p["order"] == "position.asc" for p in pages)
+        assert after is not None and after.reserved_cents == 0 and after.actual_cost_cents == 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -739,12 +736,12 @@ class TestTheBridge:
     async def test_shapes_of_answers(self, http: httpx.AsyncClient, world: World) -> None:
         org = str(await world.org("acme"))
         scalar = await http.post(
-            "/rpc/collection_reserve", json={"p_run_id": org, "p_token": org, "p_cents": 1}, headers=self.KEY
+            "/rpc/collection_estimate_inputs",
+            json={"p_org_id": org, "p_category_ids": ["a"]},
+            headers=self.KEY,
         )
-        assert scalar.status_code == 200 and scalar.json() == "lease_lost"
-        void = await http.post(
-            "/rpc/collection_release_run", json={"p_run_id": org, "p_token": org}, headers=self.KEY
-        )
+        assert scalar.status_code == 200 and scalar.json()["history"] == {}
+        void = await http.post("/rpc/collection_release_work", json={"p_token": org}, headers=self.KEY)
         assert void.status_code == 204 and void.content == b""
         single = await http.post("/rpc/collection_get_settings", json={"p_org_id": org}, headers=self.KEY)
         assert single.status_code == 200 and single.json()["budget_cap_cents"] == 2500

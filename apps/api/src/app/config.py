@@ -126,9 +126,12 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     lease_ttl_s: int = Field(default=10, ge=2, le=3600)
     executor_tick_s: float = Field(default=0.5, gt=0, le=10)
-    runs_per_process: int = Field(default=4, ge=1, le=100)
-    items_in_flight_per_run: int = Field(default=4, ge=1, le=100)
+    # The provider account's limits, shared by every process on the database (0: none). Oxylabs' plans:
+    # 10 and 3 on the free trial, 50 and 13 from Micro to Venture, 100 and 25 on Business and Corporate.
     provider_rate_per_s: float = Field(default=50.0, ge=0)
+    provider_rendered_rate_per_s: float = Field(default=13.0, ge=0)
+    # At most this many provider calls in flight from one process (Little's law sizes it below this).
+    max_calls_in_flight: int = Field(default=64, ge=1, le=1000)
     provider_max_attempts: int = Field(default=4, ge=1, le=20)
     provider_backoff_s: float = Field(default=0.2, ge=0, le=60)
     max_failed_share: float = Field(default=0.5, gt=0, le=1)

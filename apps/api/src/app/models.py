@@ -104,14 +104,12 @@ class CollectionRunStatus(StrEnum):
 
 
 class RunAction(StrEnum):
-    """The actions of the transitions table: the API's four, and the executor's complete and fail."""
+    """The API's actions of the transitions table (the executor's complete and fail are its SQL's)."""
 
     START = "start"
     PAUSE = "pause"
     RESUME = "resume"
     CANCEL = "cancel"
-    COMPLETE = "complete"
-    FAIL = "fail"
 
 
 class StrictModel(BaseModel):
@@ -124,6 +122,11 @@ class CollectionSettingsResponse(BaseModel):
     budget_cap_cents: int
     soft_warning_percent: int
     max_concurrent_runs: int
+    rate_weight: int = Field(
+        default=1,
+        description="This organisation's share of the provider account's rate while other "
+        "organisations have work too (2 gets twice the calls of 1)",
+    )
     updated_at: datetime | None = None
 
 
@@ -135,6 +138,7 @@ class CollectionSettingsUpdate(StrictModel):
     budget_cap_cents: WholeNumber = Field(default=None, ge=0, le=MAX_BUDGET_CENTS)  # type: ignore[assignment]
     soft_warning_percent: WholeNumber = Field(default=None, ge=0, le=100)  # type: ignore[assignment]
     max_concurrent_runs: WholeNumber = Field(default=None, ge=1, le=1000)  # type: ignore[assignment]
+    rate_weight: WholeNumber = Field(default=None, ge=1, le=100)  # type: ignore[assignment]
 
 
 class EstimateRequest(StrictModel):

@@ -100,6 +100,17 @@ class Metrics:
             ["source", "error_class"],
             registry=self.registry,
         )
+        self.throttled = Counter(
+            "collection_provider_throttled_total",
+            "Calls the provider refused for the account's rate (HTTP 429), by source",
+            ["source"],
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "collection_executor_workers",
+            "Calls this process keeps in flight at most now (its share of the account's rate x latency)",
+            registry=self.registry,
+        )
         # Request latencies wait here and go into the histogram together: its children take a lock
         # per bucket and per sum, taken for each request one at a time. Scrapes flush first.
         self._pending: list[tuple[str, str, int, float]] = []

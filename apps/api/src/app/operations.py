@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from functools import cached_property
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, TypeAdapter
@@ -51,6 +51,7 @@ PYTHON_TYPES: Mapping[str, tuple[type, ...]] = {
     "integer": (int,),
     "bigint": (int,),
     "boolean": (bool,),
+    "double precision": (float, int),
     "jsonb": (dict, list),
     "text[]": (list, tuple),
     "timestamp with time zone": (datetime,),
@@ -62,14 +63,11 @@ class Operation(Generic[R]):
 
     shape: ClassVar[Shape]
 
-    def __init__(self, function: str, args: Mapping[str, str], page_by: str | None = None) -> None:
+    def __init__(self, function: str, args: Mapping[str, str]) -> None:
         unknown = {t for t in args.values() if t not in PYTHON_TYPES}
         assert not unknown, f"{function}: no Python type for {unknown}"
         self.function = function
         self.args = dict(args)  # argument name (without p_) -> Postgres type, in the function's order
-        # REST mode: a set-returning stable function read page by page in this order, so that no
-        # PostgREST max-rows can cut it short. None: one call (its size is bounded by an argument).
-        self.page_by = page_by
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.function})"
@@ -141,10 +139,8 @@ class Maybe(Operation[M | None], Generic[M]):
 class Rows(Operation[list[M]], Generic[M]):
     shape = Shape.ROWS
 
-    def __init__(
-        self, function: str, model: type[M], args: Mapping[str, str], page_by: str | None = None
-    ) -> None:
-        super().__init__(function, args, page_by)
+    def __init__(self, function: str, model: type[M], args: Mapping[str, str]) -> None:
+        super().__init__(function, args)
         self.model = model
 
     def read(self, result: Any) -> list[M]:
@@ -195,23 +191,37 @@ class RunPage(BaseModel):
     total_estimated: bool
 
 
-class RunCategory(BaseModel):
-    position: int
-    category_id: str
-    products: int | None
-    error: str | None
-    discovered_at: datetime | None
+class Work(BaseModel):
+    """A unit of work handed to an executor process: a category's discovery or an item, its budget
+    reserved, with the wait for its first call's slot; or `wait`: no slot for the account yet."""
+
+    kind: Literal["discovery", "item", "wait"]
+    run_id: UUID | None
+    org_id: UUID | None
+    category_id: str | None
+    category_position: int | None
+    asin: str | None
+    item_position: int | None
+    reserved_cents: int
+    wait_s: float
 
 
-class PendingItem(BaseModel):
-    category_id: str
-    asin: str
-    position: int
+class Slot(BaseModel):
+    granted: bool
+    wait_s: float
 
 
-class HeldRun(BaseModel):
-    id: UUID
-    status: CollectionRunStatus
+class ExecutorView(BaseModel):
+    """What a heartbeat tells a process: how many executors share the account, the rates in force
+    (calls a second; None: no limit)."""
+
+    executors: int
+    rates: dict[str, float | None]
+
+
+class RateLimit(BaseModel):
+    name: str
+    per_s: float
 
 
 class StatusCount(BaseModel):
@@ -223,10 +233,11 @@ class StatusCount(BaseModel):
 # The operations
 # --------------------------------------------------------------------------------------------------
 Run = CollectionRunResponse
-LEASE = {"run_id": "uuid", "token": "uuid"}
 
 # Authorisation and readiness
-USER_ACCESS = Rows("collection_user_access", OrgAccess, {"user_id": "uuid"})  # a user's few organisations
+# Every set of rows is small and bounded (a user's organisations, a run's statuses, a page of events, the
+# account's limits), far below PostgREST's max-rows: one call each.
+USER_ACCESS = Rows("collection_user_access", OrgAccess, {"user_id": "uuid"})
 APPLIED_MIGRATIONS: Value[list[str]] = Value("collection_applied_migrations", list[str], {}, "text[]")
 
 # Settings and estimates
@@ -239,6 +250,7 @@ UPDATE_SETTINGS = One(
         "budget_cap_cents": "bigint",
         "soft_warning_percent": "integer",
         "max_concurrent_runs": "integer",
+        "rate_weight": "integer",
     },
 )
 ESTIMATE_INPUTS: Value[EstimateInputs] = Value(
@@ -281,7 +293,7 @@ TRANSITION_RUN = One(
 INCOMPLETE_RUNS: Value[IncompleteRuns] = Value(
     "collection_incomplete_runs", IncompleteRuns, {"limit": "integer"}, "jsonb"
 )
-RUN_STATUS_COUNTS = Rows("collection_run_status_counts", StatusCount, {})  # six statuses at most
+RUN_STATUS_COUNTS = Rows("collection_run_status_counts", StatusCount, {})
 
 # Items, sellers, events
 LIST_ITEMS: Value[RunItemListResponse] = Value(
@@ -302,34 +314,52 @@ RUN_EVENTS_SINCE = Rows(
     {"org_id": "uuid", "run_id": "uuid", "after_id": "bigint", "limit": "integer"},
 )
 
-# The executor: leases (claim and heartbeat are volatile, so one call each, never paged: they return at
-# most `limit` runs, or the runs this process holds)
-CLAIM_RUNS = Rows(
-    "collection_claim_runs", Run, {"owner": "text", "token": "uuid", "lease_s": "integer", "limit": "integer"}
+# The executor: sharing the account, units of work, their checkpoints
+UNIT = {"run_id": "uuid", "token": "uuid", "category_id": "text", "asin": "text"}  # asin null: discovery
+CONFIGURE_RATES = Rows("collection_configure_rates", RateLimit, {"rates": "jsonb"})
+HEARTBEAT: Value[ExecutorView] = Value(
+    "collection_heartbeat", ExecutorView, {"owner": "text", "token": "uuid", "lease_s": "integer"}, "jsonb"
 )
-HEARTBEAT = Rows("collection_heartbeat", HeldRun, {"token": "uuid", "lease_s": "integer"})
-RELEASE_RUN: Value[None] = Value("collection_release_run", None, LEASE, "void")
-RUN_CATEGORIES = Rows("collection_run_categories_of", RunCategory, {"run_id": "uuid"}, page_by="position")
-PENDING_ITEMS = Rows(
-    "collection_pending_items", PendingItem, {"run_id": "uuid", "category_id": "text"}, page_by="position"
+NEXT_WORK = Rows(
+    "collection_next_work",
+    Work,
+    {
+        "owner": "text",
+        "token": "uuid",
+        "lease_s": "integer",
+        "horizon_s": "double precision",
+        "item_cents": "bigint",
+        "discovery_cents": "bigint",
+        "limit": "integer",
+    },
 )
-
-# The live budget
-RESERVE: Value[str] = Value("collection_reserve", str, {**LEASE, "cents": "bigint"}, "text")
-RELEASE_RESERVATION: Value[None] = Value(
-    "collection_release_reservation", None, {**LEASE, "cents": "bigint"}, "void"
+TAKE_SLOT = One("collection_take_slot", Slot, {"buckets": "text[]", "horizon_s": "double precision"})
+THROTTLE: Value[None] = Value(
+    "collection_throttle", None, {"buckets": "text[]", "refused_per_s": "double precision"}, "void"
 )
-
-# Checkpoints and the end of a run
+OBSERVE_RATE_LIMIT: Value[None] = Value(
+    "collection_observe_rate_limit", None, {"bucket": "text", "limit_per_s": "double precision"}, "void"
+)
+SLOW_SOURCE: Value[None] = Value(
+    "collection_slow_source",
+    None,
+    {"source": "text", "per_s": "double precision", "for_s": "double precision"},
+    "void",
+)
+RELEASE_WORK: Value[None] = Value("collection_release_work", None, {"token": "uuid"}, "void")
+GIVE_BACK_WORK: Value[None] = Value(
+    "collection_give_back_work", None, {**UNIT, "calls_made": "boolean"}, "void"
+)
+FAIL_RUN = Maybe("collection_fail_run", Run, {**UNIT, "reason": "text"})
 RECORD_DISCOVERY = One(
     "collection_record_discovery",
     Run,
     {
-        **LEASE,
-        "position": "integer",
+        "run_id": "uuid",
+        "token": "uuid",
+        "category_id": "text",
         "products": "jsonb",
         "cost_cents": "bigint",
-        "reserved_cents": "bigint",
         "error": "text",
         "estimated_per_category": "integer",
     },
@@ -338,20 +368,21 @@ RECORD_ITEM = One(
     "collection_record_item",
     Run,
     {
-        **LEASE,
+        "run_id": "uuid",
+        "token": "uuid",
         "category_id": "text",
         "asin": "text",
         "status": "text",
         "attempts": "integer",
         "cost_cents": "bigint",
-        "reserved_cents": "bigint",
         "result": "jsonb",
         "error": "text",
         "sellers": "jsonb",
         "worker": "text",
+        "max_failed_share": "double precision",
+        "min_items": "integer",
     },
 )
-FINISH_RUN = Maybe("collection_finish_run", Run, {**LEASE, "action": "text", "reason": "text"})
 
 OPERATIONS: tuple[Operation[Any], ...] = tuple(
     value for value in list(globals().values()) if isinstance(value, Operation)

@@ -90,10 +90,6 @@ def rest_error(error: APIError) -> CollectionError | None:
 
 
 class RestTransport:
-    # Set-returning reads declared with `page_by` are fetched page by page: PostgREST cuts every answer
-    # at its max-rows (Supabase's default: 1000). Only stable functions are: paging re-runs the call.
-    page_size = 1000
-
     def __init__(self, client: AsyncClient, http: httpx.AsyncClient) -> None:
         self._client = client
         self._http = http
@@ -131,27 +127,16 @@ class RestTransport:
         return cls(client, http)
 
     async def execute(self, operation: Operation[Any], args: Mapping[str, Any]) -> Any:
-        if operation.page_by is None:
-            data = await self._rpc(operation.function, args)
-            if operation.shape is Shape.VALUE:
-                return data
-            # A function returning one composite is answered as one JSON object, a set as an array.
-            return [data] if isinstance(data, dict) else data
-        rows: list[Any] = []
-        while True:
-            page = await self._rpc(operation.function, args, operation.page_by, len(rows))
-            if not page:
-                return rows
-            rows.extend(page)
+        data = await self._rpc(operation.function, args)
+        if operation.shape is Shape.VALUE:
+            return data
+        # A function returning one composite (or OUT parameters) is answered as one JSON object, a set
+        # as an array.
+        return [data] if isinstance(data, dict) else data
 
-    async def _rpc(
-        self, function: str, params: Mapping[str, Any], order: str | None = None, offset: int = 0
-    ) -> Any:
-        request = self._client.rpc(function, dict(params))
-        if order is not None:
-            request = request.order(order).range(offset, offset + self.page_size - 1)
+    async def _rpc(self, function: str, params: Mapping[str, Any]) -> Any:
         try:
-            response = await request.execute()
+            response = await self._client.rpc(function, dict(params)).execute()
         except APIError as exc:
             mapped = rest_error(exc)
             if mapped is None:

@@ -46,6 +46,16 @@ class SellerListing:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitHeader:
+    """A limit the provider reported with an answer (Oxylabs: `x-ratelimit-<name>-limit` and
+    `x-ratelimit-<name>-remaining`)."""
+
+    name: str
+    limit: int
+    remaining: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class CallResult(Generic[T]):
     """The outcome of one provider call. `value` is None when the call failed."""
 
@@ -53,6 +63,9 @@ class CallResult(Generic[T]):
     status_code: int  # the target's status as the provider reports it; 0: no answer at all
     charged: bool
     error: str | None = None
+    # The provider refused the call for the account's rate (HTTP 429 from the API itself, not the target).
+    throttled: bool = False
+    rate_limits: tuple[RateLimitHeader, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -26,6 +26,9 @@ the oxylabs/gitbook-public-english repository):
 - Response codes (API): 401 "Authorization header not provided / Invalid authorization header / Client not
   found", 403 "Forbidden", 429 "Too many requests", 500 "Internal Server Error", 524 "Timeout", 612
   "Undefined Internal Error" (retry at no extra cost).
+- Usage and billing > Rate limits: the account's job rate per plan (total and rendered jobs a second),
+  reported with every answer as `x-ratelimit-<name>-limit` and `x-ratelimit-<name>-remaining` (one pair per
+  limit that applies); past it the API answers 429. A 429 is `throttled` here: the executor slows the account.
 
 Billing follows `base.is_charged` on the target status. Answers of the API itself (no job was done) are free,
 except 401/403, which raise `ProviderFatalError`. No call is retried here: the executor retries free failures.
@@ -48,6 +51,7 @@ from app.providers.base import (
     Product,
     ProductRef,
     ProviderFatalError,
+    RateLimitHeader,
     SellerListing,
     Source,
     is_charged,
@@ -83,6 +87,9 @@ class OxylabsProvider:
         )
         self._timeout_s = timeout_s
         self._domain = domain
+        # The first eBay page parsed imports and compiles the CSS selectors, blocking the event loop
+        # long enough to delay the calls due meanwhile (which then leave together): done here, at start.
+        parse_ebay_sellers('<ul class="srp-results"></ul>')
 
     async def bestsellers(self, category_id: str) -> CallResult[list[ProductRef]]:
         payload = {
@@ -123,6 +130,7 @@ class OxylabsProvider:
                 what, 0, charged=False, error=f"could not reach Oxylabs ({type(exc).__name__}: {exc})"
             )
 
+        limits = read_rate_limits(response.headers)
         if response.status_code in (401, 403):
             message = f"Oxylabs rejected the credentials (HTTP {response.status_code})"
             logger.error("%s: %s", what, message)
@@ -131,7 +139,14 @@ class OxylabsProvider:
             # Oxylabs refused or failed the request itself (429, 5xx, 524, 612, a 400 on the payload): no job
             # was done, so nothing was billed.
             error = f"Oxylabs answered HTTP {response.status_code}{_body_excerpt(response)}"
-            return _failure(what, response.status_code, charged=False, error=error)
+            return _failure(
+                what,
+                response.status_code,
+                charged=False,
+                error=error,
+                throttled=response.status_code == 429,
+                limits=limits,
+            )
 
         try:
             target_status, content = read_envelope(response)
@@ -139,24 +154,73 @@ class OxylabsProvider:
             # The API said 200, so a job may well have run and been billed: count it against the budget
             # rather than retry it as if it were free.
             return _failure(
-                what, response.status_code, charged=True, error=f"unreadable Oxylabs answer: {exc}"
+                what,
+                response.status_code,
+                charged=True,
+                error=f"unreadable Oxylabs answer: {exc}",
+                limits=limits,
             )
 
         charged = is_charged(target_status)
         if not 200 <= target_status < 300:
             return _failure(
-                what, target_status, charged=charged, error=f"the target answered {target_status}"
+                what,
+                target_status,
+                charged=charged,
+                error=f"the target answered {target_status}",
+                limits=limits,
             )
         try:
             value = parse(content)
         except UnparseableContent as exc:
-            return _failure(what, target_status, charged=charged, error=f"unparseable result: {exc}")
-        return CallResult(value=value, status_code=target_status, charged=charged)
+            return _failure(
+                what, target_status, charged=charged, error=f"unparseable result: {exc}", limits=limits
+            )
+        return CallResult(value=value, status_code=target_status, charged=charged, rate_limits=limits)
 
 
-def _failure(what: str, status_code: int, *, charged: bool, error: str) -> CallResult[Any]:
+def _failure(
+    what: str,
+    status_code: int,
+    *,
+    charged: bool,
+    error: str,
+    throttled: bool = False,
+    limits: tuple[RateLimitHeader, ...] = (),
+) -> CallResult[Any]:
     logger.warning("Oxylabs %s failed (status %s, %s): %s", what, status_code, _billing(charged), error)
-    return CallResult(value=None, status_code=status_code, charged=charged, error=error)
+    return CallResult(
+        value=None,
+        status_code=status_code,
+        charged=charged,
+        error=error,
+        throttled=throttled,
+        rate_limits=limits,
+    )
+
+
+_RATE_LIMIT_HEADER = re.compile(r"^x-ratelimit-(?P<name>.+)-(?P<kind>limit|remaining)$")
+
+
+def read_rate_limits(headers: httpx.Headers) -> tuple[RateLimitHeader, ...]:
+    """The limits an answer reports (Usage and billing > Rate limits: `x-ratelimit-<name>-limit` and
+    `x-ratelimit-<name>-remaining`, possibly several names). A value that is not a whole number is
+    ignored."""
+    found: dict[str, dict[str, int]] = {}
+    for key, value in headers.items():
+        match = _RATE_LIMIT_HEADER.match(key.lower())
+        if match is None:
+            continue
+        try:
+            number = int(value.strip())
+        except ValueError:
+            continue
+        found.setdefault(match.group("name"), {})[match.group("kind")] = number
+    return tuple(
+        RateLimitHeader(name, values["limit"], values.get("remaining"))
+        for name, values in sorted(found.items())
+        if "limit" in values
+    )
 
 
 def _billing(charged: bool) -> str:

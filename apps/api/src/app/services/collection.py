@@ -34,7 +34,7 @@ from app.models import (
     RunTransitionEvent,
     SellerListResponse,
 )
-from app.operations import EstimateInputs, OrgAccess, PendingItem, RunCategory
+from app.operations import EstimateInputs, ExecutorView, OrgAccess, Slot, Work
 from app.store import Store
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,17 @@ TERMINAL_STATUSES = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class Lease:
-    """A run held by one executor process: every write it makes is fenced by this token."""
+class FailureRule:
+    """A run fails when more than `max_failed_share` of its processed products failed, once at least
+    `min_items` were processed."""
 
-    run_id: UUID
-    token: UUID
+    max_failed_share: float
+    min_items: int
+
+
+def _unit(token: UUID, work: Work) -> dict[str, Any]:
+    """A unit's identity for the functions fenced by its lease (asin None: a category's discovery)."""
+    return {"run_id": work.run_id, "token": token, "category_id": work.category_id, "asin": work.asin}
 
 
 @dataclass(slots=True)
@@ -306,87 +312,102 @@ class CollectionService:
         """The user's organisations and the permissions their role grants in each."""
         return await self.store.call(ops.USER_ACCESS, user_id=user_id)
 
-    # The executor: leases, budget, checkpoints ------------------------------------------------------
-    async def claim_runs(
-        self, owner: str, token: UUID, lease_s: int, limit: int
-    ) -> list[CollectionRunResponse]:
-        """Running runs this process may take: free, expired, or left by an earlier process of `owner`."""
-        return await self.store.call(ops.CLAIM_RUNS, owner=owner, token=token, lease_s=lease_s, limit=limit)
+    # The executor: sharing the account, units of work, checkpoints ---------------------------------
+    async def configure_rates(self, rates: dict[str, float]) -> dict[str, float]:
+        """The account's limits as this process's settings give them (calls a second; 0: none); answers
+        what each limit was set to."""
+        return {r.name: r.per_s for r in await self.store.call(ops.CONFIGURE_RATES, rates=rates)}
 
-    async def heartbeat(self, token: UUID, lease_s: int) -> dict[UUID, CollectionRunStatus]:
-        """Extend this process's leases; the runs it still holds, with their status."""
-        held = await self.store.call(ops.HEARTBEAT, token=token, lease_s=lease_s)
-        return {run.id: run.status for run in held}
+    async def heartbeat(self, owner: str, token: UUID, lease_s: int) -> ExecutorView:
+        """This process is alive: its units' leases renewed; dead processes' units freed (what they had
+        reserved becomes uncertain cost). Answers how many executors share the account, and its rates."""
+        return await self.store.call(ops.HEARTBEAT, owner=owner, token=token, lease_s=lease_s)
 
-    async def release_run(self, lease: Lease) -> None:
-        """Give the run back; what is still reserved becomes an uncertain charge."""
-        await self.store.call(ops.RELEASE_RUN, run_id=lease.run_id, token=lease.token)
+    async def next_work(
+        self, owner: str, token: UUID, lease_s: int, horizon_s: float, limit: int = 1
+    ) -> list[Work]:
+        """Up to `limit` units of work, each in the fair turn between organisations, its budget reserved
+        first (a run that cannot afford it pauses at its cap instead) and a slot of the account's rate
+        for its first call; one `wait` when the account has no slot within `horizon_s`; none: no work
+        anywhere."""
+        return await self.store.call(
+            ops.NEXT_WORK,
+            owner=owner,
+            token=token,
+            lease_s=lease_s,
+            horizon_s=horizon_s,
+            item_cents=self.pricing.cents_per_product,
+            discovery_cents=self.pricing.bestsellers_cents,
+            limit=limit,
+        )
 
-    async def run_categories(self, run_id: UUID) -> list[RunCategory]:
-        return await self.store.call(ops.RUN_CATEGORIES, run_id=run_id)
+    async def take_slot(self, buckets: list[str], horizon_s: float) -> Slot:
+        """A slot of the account's rate (and each of `buckets`) for the next call."""
+        return await self.store.call(ops.TAKE_SLOT, buckets=buckets, horizon_s=horizon_s)
 
-    async def pending_items(self, run_id: UUID, category_id: str) -> list[PendingItem]:
-        return await self.store.call(ops.PENDING_ITEMS, run_id=run_id, category_id=category_id)
+    async def throttle(self, buckets: list[str], refused_per_s: float) -> None:
+        """The provider refused a call for the account's rate (429): every process slows down."""
+        await self.store.call(ops.THROTTLE, buckets=buckets, refused_per_s=refused_per_s)
 
-    async def reserve_budget(self, lease: Lease, cents: int) -> str:
-        """Reserve the cost of the next call before it is made: 'ok', or why not ('budget_exhausted':
-        the run is now paused at its cap; another status; 'lease_lost')."""
-        return await self.store.call(ops.RESERVE, run_id=lease.run_id, token=lease.token, cents=cents)
+    async def observe_rate_limit(self, bucket: str, limit_per_s: float) -> None:
+        """The provider said what a limit is (its x-ratelimit headers): never plan above it."""
+        await self.store.call(ops.OBSERVE_RATE_LIMIT, bucket=bucket, limit_per_s=limit_per_s)
 
-    async def release_budget(self, lease: Lease, cents: int) -> None:
-        """Hand back a reservation whose call was never made."""
-        await self.store.call(ops.RELEASE_RESERVATION, run_id=lease.run_id, token=lease.token, cents=cents)
+    async def slow_source(self, source: str, per_s: float, for_s: float) -> None:
+        """A source that keeps failing: every process calls it at `per_s` at most for `for_s`."""
+        await self.store.call(ops.SLOW_SOURCE, source=source, per_s=per_s, for_s=for_s)
+
+    async def give_back(self, token: UUID, work: Work, calls_made: bool) -> None:
+        """A unit given back, to be done by whoever asks next: before any call was made, its reservation
+        is released and nothing charged; after (its checkpoint could not be written), what it had
+        reserved may have been charged (uncertain cost)."""
+        await self.store.call(ops.GIVE_BACK_WORK, **_unit(token, work), calls_made=calls_made)
+
+    async def release_work(self, token: UUID) -> None:
+        """This process stops: every unit it holds goes back (reservations: uncertain cost)."""
+        await self.store.call(ops.RELEASE_WORK, token=token)
+
+    async def fail_run(self, token: UUID, work: Work, reason: str) -> CollectionRunResponse | None:
+        """The provider cannot serve the run (e.g. refused the credentials): fail it with the reason."""
+        return await self.store.call(ops.FAIL_RUN, **_unit(token, work), reason=reason)
 
     async def checkpoint_discovery(
-        self,
-        lease: Lease,
-        category: RunCategory,
-        products: list[dict[str, Any]],
-        cost_cents: int,
-        reserved_cents: int,
-        error: str | None,
+        self, token: UUID, work: Work, products: list[dict[str, Any]], cost_cents: int, error: str | None
     ) -> CollectionRunResponse:
-        """A category's products, found (or not: `error`), its cost and the run's checkpoint, once."""
+        """A category's products, found (or not: `error`), its cost and the run's checkpoint, once; the
+        run completes when nothing is left, fails when no category could be discovered."""
         return await self.store.call(
             ops.RECORD_DISCOVERY,
-            run_id=lease.run_id,
-            token=lease.token,
-            position=category.position,
+            run_id=work.run_id,
+            token=token,
+            category_id=work.category_id,
             products=products,
             cost_cents=cost_cents,
-            reserved_cents=reserved_cents,
             error=error,
             estimated_per_category=self.pricing.products_per_category,
         )
 
     async def checkpoint(
-        self, lease: Lease, item: PendingItem, outcome: ItemOutcome, reserved_cents: int, worker: str
+        self, token: UUID, work: Work, outcome: ItemOutcome, worker: str, failure: FailureRule
     ) -> CollectionRunResponse:
         """Record one unit of work once: the item's result, the run's counters, its actual cost (its
-        reservation released), the sellers found and the checkpoint, in one statement. A second record
-        of the same item (a retry after a lost answer) only books the money it spent."""
+        reservation released), the sellers found and the checkpoint, in one statement; the run fails
+        past the failure rule and completes when nothing is left."""
         return await self.store.call(
             ops.RECORD_ITEM,
-            run_id=lease.run_id,
-            token=lease.token,
-            category_id=item.category_id,
-            asin=item.asin,
+            run_id=work.run_id,
+            token=token,
+            category_id=work.category_id,
+            asin=work.asin,
             status=outcome.status,
             attempts=outcome.attempts,
             cost_cents=outcome.cost_cents,
-            reserved_cents=reserved_cents,
             result=outcome.result,
             error=outcome.error,
             sellers=outcome.sellers,
             worker=worker,
-        )
-
-    async def finish_run(
-        self, lease: Lease, action: RunAction, reason: str | None
-    ) -> CollectionRunResponse | None:
-        """complete (None while anything is left to do) or fail the run, and give it back."""
-        return await self.store.call(
-            ops.FINISH_RUN, run_id=lease.run_id, token=lease.token, action=action.value, reason=reason
+            max_failed_share=failure.max_failed_share,
+            min_items=failure.min_items,
         )
 
     async def run_status_counts(self) -> dict[CollectionRunStatus, int]:
