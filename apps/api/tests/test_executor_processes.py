@@ -844,7 +844,10 @@ class TestGracefulShutdown:
         # calls are finishing there (they would be done, and paid for, twice).
         admin = await world.admin()
         lease = {"LEASE_TTL_S": "2", "EXECUTOR_TICK_S": "0.2"}
-        first = await harness.start("hold-1", **lease, SANDBOX_LATENCY_MS="1500", SHUTDOWN_GRACE_S="9")
+        first = await harness.start("hold-1", **lease, SANDBOX_LATENCY_MS="2000", SHUTDOWN_GRACE_S="12")
+        # The replica is up before the run starts, so SIGTERM follows the items' first calls at once
+        # (a replica started after them could take longer than an item on a slow machine).
+        second = await harness.start("hold-2", **lease)
         categories = ["garden"]
         run_id = await harness.start_run(first, admin, categories)
 
@@ -852,8 +855,8 @@ class TestGracefulShutdown:
             held = await held_by(db, run_id, first.worker_id)
             return held if len([unit for unit in held if unit.asin]) == MAX_IN_FLIGHT else None
 
+        # Each held item is two calls of 1-3 s, begun just now: they outlive a lease, not the grace time.
         held = await harness.wait_for(items_under_way, "items under way")
-        second = await harness.start("hold-2", **lease)
         took = await first.interrupt(signal.SIGTERM, timeout=20)
         log = first.logs[-1].read_text()
         now = await units_of(db, run_id)
