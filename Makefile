@@ -50,7 +50,7 @@ test-pg15: install
 	$(UV) run --frozen --no-sync pytest --postgres-bin=$(PG15_BIN) apps/api/tests/test_migrations.py apps/api/tests/test_supabase_cli.py $$modules $(PYTEST_ARGS)
 
 # Benchmarks (benchmarks/README.md): wrk from Debian and the `bench` dependency group (matplotlib),
-# both installed on first use; BENCH_PARTS="list http costs executor" picks parts. About 6 minutes.
+# both installed on first use; BENCH_PARTS="list http costs fleet executor" picks parts. About 10 minutes.
 bench: install
 	@command -v wrk >/dev/null || $(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get install -y wrk || (apt-get update && apt-get install -y wrk)'
 	$(UV) sync --frozen --inexact --group bench --quiet
